@@ -1,0 +1,1 @@
+"""TinyFusion learnable depth pruning for diffusion transformers, as Lightning callbacks."""
