@@ -1,0 +1,254 @@
+"""LoRALinear and inject_lora/remove_lora: identity at start, the maths of forward, merge, in-place wrapping."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tinyfusion_pl.pruning.lora import LoRALinear, inject_lora, remove_lora
+
+
+class ToyBlock(nn.Module):
+    """Two Linears and a non-Linear layer, nested like an attention block."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.attn = nn.ModuleDict({"qkv": nn.Linear(width, 3 * width), "proj": nn.Linear(3 * width, width)})
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x):
+        return x + self.attn["proj"](self.attn["qkv"](self.norm(x)))
+
+
+class ToyNet(nn.Module):
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.embed = nn.Linear(4, width)
+        self.blocks = nn.ModuleList([ToyBlock(width) for _ in range(3)])
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def randomize_adapters(module: nn.Module, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+
+
+def test_starts_as_exact_identity_of_the_wrapped_linear():
+    torch.manual_seed(0)
+    linear = nn.Linear(5, 7)
+    wrapper = LoRALinear(linear, rank=3, alpha=6)
+    x = torch.randn(2, 4, 5)
+    assert torch.equal(wrapper(x), linear(x))
+    assert wrapper.base_layer is linear
+    assert torch.count_nonzero(wrapper.lora_b.weight) == 0
+    assert torch.count_nonzero(wrapper.lora_a.weight) == wrapper.lora_a.weight.numel()
+    assert wrapper.scaling == 2.0
+
+
+def test_forward_is_base_plus_scaled_low_rank_update_in_float64():
+    torch.manual_seed(0)
+    linear = nn.Linear(5, 7).double()
+    wrapper = LoRALinear(linear, rank=2, alpha=3)
+    randomize_adapters(wrapper)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    weight = linear.weight + (3 / 2) * wrapper.lora_b.weight @ wrapper.lora_a.weight
+    expected = torch.einsum("ni,oi->no", x, weight) + linear.bias
+    torch.testing.assert_close(wrapper(x), expected)
+
+
+def test_adapters_follow_the_base_weight_dtype_and_device():
+    wrapper = LoRALinear(nn.Linear(4, 4, dtype=torch.bfloat16), rank=2)
+    assert wrapper.lora_a.weight.dtype == wrapper.lora_b.weight.dtype == torch.bfloat16
+    on_meta = LoRALinear(nn.Linear(4, 4, device="meta"), rank=2)
+    assert on_meta.lora_a.weight.is_meta and on_meta.lora_b.weight.is_meta
+
+
+def test_only_the_adapters_receive_gradients():
+    torch.manual_seed(0)
+    wrapper = LoRALinear(nn.Linear(5, 3), rank=2)
+    randomize_adapters(wrapper)
+    wrapper(torch.randn(4, 5)).square().sum().backward()
+    assert wrapper.base_layer.weight.grad is None and wrapper.base_layer.bias.grad is None
+    assert wrapper.lora_a.weight.grad is not None and wrapper.lora_b.weight.grad is not None
+    assert [name for name, p in wrapper.named_parameters() if p.requires_grad] == ["lora_a.weight", "lora_b.weight"]
+
+
+def test_merge_moves_the_update_into_the_weight_and_unmerge_takes_it_out():
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 4).double()
+    original = linear.weight.detach().clone()
+    wrapper = LoRALinear(linear, rank=2, alpha=4)
+    randomize_adapters(wrapper)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    unmerged_output = wrapper(x)
+
+    wrapper.merge()
+    assert wrapper.merged
+    torch.testing.assert_close(linear.weight, original + 2.0 * wrapper.lora_b.weight @ wrapper.lora_a.weight)
+    # Merged forward must not add the update a second time.
+    torch.testing.assert_close(wrapper(x), unmerged_output)
+    with pytest.raises(RuntimeError, match="already merged; call unmerge"):
+        wrapper.merge()
+
+    wrapper.unmerge()
+    assert not wrapper.merged
+    torch.testing.assert_close(linear.weight, original)
+    torch.testing.assert_close(wrapper(x), unmerged_output)
+    with pytest.raises(RuntimeError, match="not merged; there is no update to unmerge"):
+        wrapper.unmerge()
+
+
+def test_dropout_only_touches_the_adapter_path_in_training():
+    torch.manual_seed(0)
+    linear = nn.Linear(8, 8)
+    wrapper = LoRALinear(linear, rank=4, dropout=0.5)
+    randomize_adapters(wrapper)
+    x = torch.randn(16, 8)
+    wrapper.eval()
+    reference = LoRALinear(nn.Linear(8, 8), rank=4)
+    reference.load_state_dict(wrapper.state_dict())
+    torch.testing.assert_close(wrapper(x), reference(x))
+    wrapper.train()
+    assert not torch.allclose(wrapper(x), reference(x))
+    # With the adapters at zero, dropout cannot change anything.
+    nn.init.zeros_(wrapper.lora_b.weight)
+    assert torch.equal(wrapper(x), linear(x))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 0}, r"rank=0 must be an integer >= 1"),
+        ({"rank": 2.5}, r"rank=2.5 must be an integer >= 1"),
+        ({"alpha": 0}, r"alpha=0 must be a number > 0"),
+        ({"dropout": 1.0}, r"dropout=1.0 must be a probability in \[0, 1\)"),
+        ({"dropout": -0.1}, r"dropout=-0.1 must be a probability in \[0, 1\)"),
+    ],
+)
+def test_bad_lora_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoRALinear(nn.Linear(2, 2), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        inject_lora(ToyNet(), **kwargs)
+
+
+def test_all_bad_arguments_are_reported_at_once():
+    with pytest.raises(ValueError, match=r"rank=-1 .*; alpha=-2 .*; dropout=2"):
+        LoRALinear(nn.Linear(2, 2), rank=-1, alpha=-2, dropout=2)
+
+
+def test_wrapping_something_else_than_a_linear_is_refused():
+    with pytest.raises(TypeError, match="wraps an nn.Linear, got base_layer of type Conv1d"):
+        LoRALinear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(TypeError, match=r"root is itself a Linear. Wrap a single layer directly with LoRALinear"):
+        inject_lora(nn.Linear(2, 2))
+
+
+def test_inject_wraps_every_linear_in_place_without_copying():
+    torch.manual_seed(0)
+    net = ToyNet()
+    linears_before = {name: module for name, module in net.named_modules() if isinstance(module, nn.Linear)}
+    x = torch.randn(2, 5, 4)
+    expected = net(x)
+
+    names = inject_lora(net, rank=2, alpha=4)
+
+    assert names == list(linears_before)
+    for name, linear in linears_before.items():
+        wrapper = net.get_submodule(name)
+        assert isinstance(wrapper, LoRALinear) and wrapper.base_layer is linear
+    assert torch.equal(net(x), expected)
+    frozen_linear_parameters = [p for name, p in net.named_parameters() if ".base_layer." in name]
+    assert len(frozen_linear_parameters) == 2 * len(linears_before)
+    assert not any(p.requires_grad for p in frozen_linear_parameters)
+
+
+def test_inject_leaves_non_linear_parameters_alone():
+    net = ToyNet()
+    inject_lora(net, rank=2)
+    assert net.blocks[0].norm.weight.requires_grad
+
+
+def test_target_selects_linears_by_name_ending():
+    net = ToyNet()
+    names = inject_lora(net.blocks, rank=2, target=["qkv"])
+    assert names == ["0.attn.qkv", "1.attn.qkv", "2.attn.qkv"]
+    assert isinstance(net.blocks[1].attn["proj"], nn.Linear)
+    assert not isinstance(net.blocks[1].attn["proj"], LoRALinear)
+
+
+def test_unknown_target_lists_the_linears_that_exist():
+    with pytest.raises(ValueError, match=r"names no Linear layer for \['fc9'\].*'0.attn.qkv'.*target=None"):
+        inject_lora(ToyNet().blocks, target=["qkv", "fc9"])
+
+
+def test_injecting_twice_is_refused():
+    net = ToyNet()
+    inject_lora(net.blocks, rank=2)
+    with pytest.raises(ValueError, match=r"already holds LoRA adapters .* Call remove_lora\(root\)"):
+        inject_lora(net, rank=2)
+
+
+def test_a_shared_linear_gets_one_shared_wrapper():
+    shared = nn.Linear(3, 3)
+    net = nn.Sequential(shared, nn.ReLU(), shared)
+    names = inject_lora(net, rank=1)
+    assert names == ["0", "2"]
+    assert net[0] is net[2] and isinstance(net[0], LoRALinear)
+    remove_lora(net)
+    assert net[0] is shared and net[2] is shared
+
+
+def test_remove_without_merge_brings_back_the_original_linears_and_flags():
+    torch.manual_seed(0)
+    net = ToyNet()
+    net.head.bias.requires_grad_(False)
+    originals = {name: p.detach().clone() for name, p in net.named_parameters()}
+    flags = {name: p.requires_grad for name, p in net.named_parameters()}
+    linears = {name: m for name, m in net.named_modules() if isinstance(m, nn.Linear)}
+    inject_lora(net, rank=2)
+    randomize_adapters(net)
+    net.get_submodule("blocks.1.attn.qkv").merge()
+
+    names = remove_lora(net)
+
+    assert names == list(linears)
+    assert all(net.get_submodule(name) is linear for name, linear in linears.items())
+    assert not any(isinstance(m, LoRALinear) for m in net.modules())
+    assert {name: p.requires_grad for name, p in net.named_parameters()} == flags
+    for name, parameter in net.named_parameters():
+        # The merged layer went through merge/unmerge: equal up to rounding; the others bit for bit.
+        if name.startswith("blocks.1.attn.qkv"):
+            torch.testing.assert_close(parameter, originals[name])
+        else:
+            assert torch.equal(parameter, originals[name]), name
+
+
+def test_remove_with_merge_keeps_the_learned_update():
+    torch.manual_seed(0)
+    net = ToyNet().double()
+    inject_lora(net, rank=2, alpha=8)
+    randomize_adapters(net)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    adapted_output = net(x)
+    qkv = net.blocks[0].attn["qkv"]
+    expected_weight = qkv.base_layer.weight + 4.0 * qkv.lora_b.weight @ qkv.lora_a.weight
+
+    remove_lora(net, merge=True)
+
+    assert type(net.blocks[0].attn["qkv"]) is nn.Linear
+    torch.testing.assert_close(net.blocks[0].attn["qkv"].weight, expected_weight)
+    torch.testing.assert_close(net(x), adapted_output)
+
+
+def test_state_dict_names_follow_the_wrapper_layout():
+    wrapper = LoRALinear(nn.Linear(3, 2), rank=1)
+    assert list(wrapper.state_dict()) == ["base_layer.weight", "base_layer.bias", "lora_a.weight", "lora_b.weight"]

@@ -1,0 +1,182 @@
+"""Low-rank adapters (LoRA) that wrap the Linear layers of a model in place."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+
+def check_lora_arguments(rank: int, alpha: float, dropout: float) -> None:
+    """Raise one ValueError naming every LoRA argument that is out of range."""
+    problems = []
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        problems.append(f"rank={rank!r} must be an integer >= 1 (the paper uses rank=8)")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        problems.append(f"alpha={alpha!r} must be a number > 0 (the paper uses alpha=16, scaling = alpha / rank)")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        problems.append(f"dropout={dropout!r} must be a probability in [0, 1) (0 disables it)")
+    if problems:
+        raise ValueError("Invalid LoRA arguments: " + "; ".join(problems) + ".")
+
+
+class LoRALinear(nn.Module):
+    """A Linear plus a trainable low-rank update scaling * B A; starts as an exact identity of the Linear.
+
+    The wrapped Linear is held as `base_layer` (not copied) and frozen; its requires_grad flags are
+    restored by `unwrap`. `merged` tells whether the update currently lives inside `base_layer.weight`.
+    """
+
+    def __init__(self, base_layer: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(
+                f"LoRALinear wraps an nn.Linear, got base_layer of type {type(base_layer).__name__}. "
+                "Pass the Linear layer itself, or use inject_lora(root) to wrap every Linear under a module."
+            )
+        check_lora_arguments(rank, alpha, dropout)
+        self.base_layer = base_layer
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        weight = base_layer.weight
+        self.lora_a = nn.Linear(base_layer.in_features, rank, bias=False, device=weight.device, dtype=weight.dtype)
+        self.lora_b = nn.Linear(rank, base_layer.out_features, bias=False, device=weight.device, dtype=weight.dtype)
+        # nn.Dropout(p=0) would still copy x in training mode; Identity costs nothing.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.base_requires_grad = {name: p.requires_grad for name, p in base_layer.named_parameters()}
+        base_layer.requires_grad_(False)
+        self.reset_adapters()
+
+    def reset_adapters(self) -> None:
+        """A Kaiming-uniform like nn.Linear's default, B zero: the update B A starts at exactly zero."""
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b.weight)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update scaling * B A, shaped like the base weight, computed in float32 at least."""
+        compute_dtype = torch.promote_types(self.lora_a.weight.dtype, torch.float32)
+        delta = self.lora_b.weight.to(compute_dtype) @ self.lora_a.weight.to(compute_dtype)  # (out, in)
+        return self.scaling * delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        return self.base_layer(x) + self.scaling * self.lora_b(self.lora_a(self.dropout(x)))  # (..., out)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update into `base_layer.weight`; forward then runs the base layer alone."""
+        if self.merged:
+            raise RuntimeError("This LoRALinear is already merged; call unmerge() before merging again.")
+        weight, delta = self.base_layer.weight, self.delta_weight()
+        weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update from `base_layer.weight` again (exact up to floating-point rounding)."""
+        if not self.merged:
+            raise RuntimeError("This LoRALinear is not merged; there is no update to unmerge. Call merge() first.")
+        weight, delta = self.base_layer.weight, self.delta_weight()
+        weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
+        self.merged = False
+
+    def unwrap(self, merge: bool = False) -> nn.Linear:
+        """Return the base Linear with the update merged in (merge=True) or left out, flags restored."""
+        if merge and not self.merged:
+            self.merge()
+        elif not merge and self.merged:
+            self.unmerge()
+        for name, parameter in self.base_layer.named_parameters():
+            parameter.requires_grad_(self.base_requires_grad[name])
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def _replace_child(root: nn.Module, qualified_name: str, new_module: nn.Module) -> None:
+    parent_name, _, child_name = qualified_name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child_name, new_module)
+
+
+def inject_lora(
+    root: nn.Module,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    target: Sequence[str] | None = None,
+) -> list[str]:
+    """Replace Linear layers under `root` in place by LoRALinear wrappers; return their names.
+
+    `target=None` wraps every nn.Linear; otherwise a Linear is wrapped when its name, or the end of its
+    dotted name, is in `target` (e.g. ["qkv", "mlp.fc1"]). The base layers are frozen, nothing is copied.
+    """
+    check_lora_arguments(rank, alpha, dropout)
+    if isinstance(root, (nn.Linear, LoRALinear)):
+        raise TypeError(
+            f"inject_lora replaces Linear layers inside `root`, but root is itself a {type(root).__name__}. "
+            "Wrap a single layer directly with LoRALinear(layer, rank, alpha)."
+        )
+    wrapped_names = [name for name, module in root.named_modules() if isinstance(module, LoRALinear)]
+    if wrapped_names:
+        raise ValueError(
+            f"root already holds LoRA adapters at {wrapped_names}. Call remove_lora(root) before injecting again."
+        )
+    # remove_duplicate=False: a Linear reachable under two names gets one wrapper, installed at both.
+    linears = [
+        (name, module) for name, module in root.named_modules(remove_duplicate=False) if isinstance(module, nn.Linear)
+    ]
+    if target is not None:
+        targets = [target] if isinstance(target, str) else list(target)
+        linears = [(name, module) for name, module in linears if _matches(name, targets)]
+        matched = {suffix for suffix in targets for name, _ in linears if _matches(name, [suffix])}
+        unmatched = [suffix for suffix in targets if suffix not in matched]
+        if unmatched:
+            all_linears = [name for name, module in root.named_modules() if isinstance(module, nn.Linear)]
+            raise ValueError(
+                f"target={targets} names no Linear layer for {unmatched}. "
+                f"Linear layers under {type(root).__name__}: {all_linears}. "
+                "Pass names or dotted name endings from this list, or target=None for every Linear."
+            )
+    wrappers: dict[int, LoRALinear] = {}
+    for name, linear in linears:
+        if id(linear) not in wrappers:
+            wrappers[id(linear)] = LoRALinear(linear, rank=rank, alpha=alpha, dropout=dropout)
+        _replace_child(root, name, wrappers[id(linear)])
+    return [name for name, _ in linears]
+
+
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    return any(name == suffix or name.endswith("." + suffix) for suffix in targets)
+
+
+def remove_lora(root: nn.Module, merge: bool = False) -> list[str]:
+    """Put plain Linear layers back in place of every LoRALinear under `root`; return their names.
+
+    merge=False discards the update (the original weights come back), merge=True keeps it merged in.
+    """
+    if isinstance(root, LoRALinear):
+        raise TypeError("remove_lora works on the module that holds LoRALinear layers; call root.unwrap() instead.")
+    wrapped = [
+        (name, module) for name, module in root.named_modules(remove_duplicate=False) if isinstance(module, LoRALinear)
+    ]
+    unwrapped: dict[int, nn.Linear] = {}
+    for name, wrapper in wrapped:
+        if id(wrapper) not in unwrapped:
+            unwrapped[id(wrapper)] = wrapper.unwrap(merge=merge)
+        _replace_child(root, name, unwrapped[id(wrapper)])
+    return [name for name, _ in wrapped]
