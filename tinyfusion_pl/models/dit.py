@@ -88,21 +88,25 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    def timestep_embedding(
+        t: torch.Tensor, dim: int, max_period: float = 10000.0, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """Return (N, dim) features [cos(t * f_k), sin(t * f_k)] with f_k = max_period^(-k / (dim // 2))."""
         half = dim // 2
-        exponents = torch.arange(half, dtype=torch.float32, device=t.device) / half
+        exponents = torch.arange(half, dtype=dtype, device=t.device) / half
         freqs = torch.exp(-math.log(max_period) * exponents)  # (dim // 2,)
-        args = t[:, None].float() * freqs[None]  # (N, dim // 2)
+        args = t[:, None].to(dtype) * freqs[None]  # (N, dim // 2)
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * (dim // 2))
         if dim % 2:
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)  # (N, dim)
         return embedding
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (N, 256)
-        # The features are computed in float32; match the MLP's dtype so a half-precision model works.
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D)
+        weight_dtype = self.mlp[0].weight.dtype
+        # At least float32, as DiT (t * f reaches ~1000, too coarse in half precision); float64 models keep float64.
+        feature_dtype = torch.promote_types(weight_dtype, torch.float32)
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size, dtype=feature_dtype)  # (N, 256)
+        return self.mlp(t_freq.to(weight_dtype))  # (N, D)
 
 
 class LabelEmbedder(nn.Module):
@@ -159,7 +163,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         modulation = self.adaLN_modulation(c)  # (N, 6 * D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # 6 x (N, D)
+        # 6 x (N, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, D)
         return x
@@ -334,7 +339,8 @@ class DiT(nn.Module):
         # Both halves see the same input (DiT's convention), so they stay identical across sampling steps.
         half = x[: x.shape[0] // 2]  # (N/2, C, H, W)
         model_out = self.forward(torch.cat([half, half], dim=0), t, y)  # (N, C_out, H, W)
-        eps, rest = model_out[:, :guidance_channels], model_out[:, guidance_channels:]  # (N, g, H, W), (N, C_out - g, H, W)
+        eps = model_out[:, :guidance_channels]  # (N, g, H, W)
+        rest = model_out[:, guidance_channels:]  # (N, C_out - g, H, W)
         cond_eps, uncond_eps = eps.chunk(2, dim=0)  # 2 x (N/2, g, H, W)
         guided_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)  # (N/2, g, H, W)
         eps = torch.cat([guided_eps, guided_eps], dim=0)  # (N, g, H, W)
@@ -344,7 +350,16 @@ class DiT(nn.Module):
 def _validate_dit_arguments(**arguments: Any) -> None:
     """Check every DiT constructor argument at once and raise one ValueError listing all problems."""
     problems = []
-    for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+    positive_ints = (
+        "input_size",
+        "patch_size",
+        "in_channels",
+        "hidden_size",
+        "depth",
+        "num_heads",
+        "num_classes",
+    )
+    for name in positive_ints:
         value = arguments[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"{name}={value!r} must be a positive int")
@@ -403,7 +418,9 @@ def sincos_position_embedding_2d(
 _FIXED_BY_ENTRY = ("hidden_size", "num_heads", "patch_size")
 
 
-def _registry_dit(name: str, depth: int, hidden_size: int, num_heads: int, patch_size: int, **kwargs: Any) -> DiT:
+def _registry_dit(
+    name: str, depth: int, hidden_size: int, num_heads: int, patch_size: int, **kwargs: Any
+) -> DiT:
     """Build a registry entry, letting kwargs override depth and the data keywords but not its width."""
     clashes = sorted(set(_FIXED_BY_ENTRY) & set(kwargs))
     if clashes:
@@ -412,7 +429,15 @@ def _registry_dit(name: str, depth: int, hidden_size: int, num_heads: int, patch
             f"patch_size={patch_size}); got {', '.join(f'{k}={kwargs[k]!r}' for k in clashes)}. "
             "Build DiT(...) directly for another width, head count or patch size."
         )
-    return DiT(**{"depth": depth, "hidden_size": hidden_size, "num_heads": num_heads, "patch_size": patch_size, **kwargs})
+    return DiT(
+        **{
+            "depth": depth,
+            "hidden_size": hidden_size,
+            "num_heads": num_heads,
+            "patch_size": patch_size,
+            **kwargs,
+        }
+    )
 
 
 def DiT_XL_2(**kwargs: Any) -> DiT:
