@@ -1,0 +1,78 @@
+"""Export a pruning decision: a physically shallower copy of a model that keeps only the chosen blocks."""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Iterable
+
+import torch.nn as nn
+
+from tinyfusion_pl.pruning.containers import resolve_block_container
+from tinyfusion_pl.pruning.lora import remove_lora
+
+# Hook tables that gating machinery may have filled; the exported copy starts without any of them.
+_RUNTIME_HOOK_TABLES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def check_kept_blocks(keep: Iterable[int], depth: int, blocks: str = "blocks") -> list[int]:
+    """Return `keep` as sorted block indices after checking they are unique integers in [0, depth)."""
+    try:
+        indices = [operator.index(index) for index in keep]
+    except TypeError as error:
+        raise TypeError(
+            f"keep={keep!r} must be an iterable of integer block indices into {blocks!r} ({depth} blocks), "
+            "e.g. keep=mask.kept_blocks."
+        ) from error
+    if not indices:
+        raise ValueError(f"keep={keep!r} is empty; keep at least one of the {depth} blocks of {blocks!r}.")
+    out_of_range = [index for index in indices if not 0 <= index < depth]
+    if out_of_range:
+        raise ValueError(
+            f"keep={indices} holds indices {out_of_range} outside {blocks!r}, which has {depth} blocks: "
+            f"use indices from 0 to {depth - 1} (negative indices are not accepted)."
+        )
+    duplicates = sorted({index for index in indices if indices.count(index) > 1})
+    if duplicates:
+        raise ValueError(f"keep={indices} repeats blocks {duplicates}; list each kept block of {blocks!r} once.")
+    return sorted(indices)
+
+
+def prune_blocks(model: nn.Module, blocks: str, keep: Iterable[int], merge: bool = False) -> nn.Module:
+    """Return a deep copy of `model` holding only the blocks in `keep`, renumbered 0..K-1; `model` is untouched.
+
+    Blocks keep their original order whatever the order of `keep`. The copy carries no forward or
+    backward hooks and no LoRA wrappers: their update is discarded (the original weights, the paper's
+    choice) unless merge=True merges it into the kept weights.
+    """
+    container = resolve_block_container(model, blocks)
+    kept = check_kept_blocks(keep, len(container), blocks)
+    # Pre-seeding deepcopy's memo keeps hooks and dropped blocks out of the copy without touching `model`.
+    memo: dict[int, object] = {}
+    for index, block in enumerate(container):
+        if index not in kept:
+            memo[id(block)] = None
+    for module in model.modules():
+        for table_name in _RUNTIME_HOOK_TABLES:
+            table = getattr(module, table_name, None)
+            if table is not None:
+                memo[id(table)] = type(table)()
+    shallow = copy.deepcopy(model, memo)
+    shallow_container = resolve_block_container(shallow, blocks)
+    # Deleting from a ModuleList/Sequential renumbers the rest, so the kept blocks end up as 0..K-1.
+    for index in reversed(range(len(shallow_container))):
+        if index not in kept:
+            del shallow_container[index]
+    remove_lora(shallow, merge=merge)
+    # A model that stores its depth (DiT derives it from len(blocks) instead) must report the new one.
+    if vars(shallow).get("depth") == len(container):
+        shallow.depth = len(kept)
+    return shallow
