@@ -418,112 +418,103 @@ def sincos_position_embedding_2d(
 _FIXED_BY_ENTRY = ("hidden_size", "num_heads", "patch_size")
 
 
-def _registry_dit(
-    name: str, depth: int, hidden_size: int, num_heads: int, patch_size: int, **kwargs: Any
-) -> DiT:
-    """Build a registry entry, letting kwargs override depth and the data keywords but not its width."""
-    clashes = sorted(set(_FIXED_BY_ENTRY) & set(kwargs))
+def _registry_dit(name: str, architecture: dict[str, int], overrides: dict[str, Any]) -> DiT:
+    """Build a registry entry; overrides may set depth and the data keywords, not width, heads or patch."""
+    clashes = sorted(set(_FIXED_BY_ENTRY) & set(overrides))
     if clashes:
+        fixed = ", ".join(f"{key}={architecture[key]}" for key in _FIXED_BY_ENTRY)
         raise ValueError(
-            f"{name} fixes {', '.join(clashes)} (hidden_size={hidden_size}, num_heads={num_heads}, "
-            f"patch_size={patch_size}); got {', '.join(f'{k}={kwargs[k]!r}' for k in clashes)}. "
+            f"{name} fixes {', '.join(clashes)} ({fixed}); got "
+            f"{', '.join(f'{key}={overrides[key]!r}' for key in clashes)}. "
             "Build DiT(...) directly for another width, head count or patch size."
         )
-    return DiT(
-        **{
-            "depth": depth,
-            "hidden_size": hidden_size,
-            "num_heads": num_heads,
-            "patch_size": patch_size,
-            **kwargs,
-        }
-    )
+    return DiT(**{**architecture, **overrides})
 
 
 def DiT_XL_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-XL/2", depth=28, hidden_size=1152, num_heads=16, patch_size=2, **kwargs)
+    return _registry_dit("DiT-XL/2", dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2), kwargs)
 
 
 def DiT_XL_4(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-XL/4", depth=28, hidden_size=1152, num_heads=16, patch_size=4, **kwargs)
+    return _registry_dit("DiT-XL/4", dict(depth=28, hidden_size=1152, num_heads=16, patch_size=4), kwargs)
 
 
 def DiT_XL_8(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-XL/8", depth=28, hidden_size=1152, num_heads=16, patch_size=8, **kwargs)
+    return _registry_dit("DiT-XL/8", dict(depth=28, hidden_size=1152, num_heads=16, patch_size=8), kwargs)
 
 
 def DiT_L_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-L/2", depth=24, hidden_size=1024, num_heads=16, patch_size=2, **kwargs)
+    return _registry_dit("DiT-L/2", dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2), kwargs)
 
 
 def DiT_L_4(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-L/4", depth=24, hidden_size=1024, num_heads=16, patch_size=4, **kwargs)
+    return _registry_dit("DiT-L/4", dict(depth=24, hidden_size=1024, num_heads=16, patch_size=4), kwargs)
 
 
 def DiT_L_8(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-L/8", depth=24, hidden_size=1024, num_heads=16, patch_size=8, **kwargs)
+    return _registry_dit("DiT-L/8", dict(depth=24, hidden_size=1024, num_heads=16, patch_size=8), kwargs)
 
 
 def DiT_B_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-B/2", depth=12, hidden_size=768, num_heads=12, patch_size=2, **kwargs)
+    return _registry_dit("DiT-B/2", dict(depth=12, hidden_size=768, num_heads=12, patch_size=2), kwargs)
 
 
 def DiT_B_4(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-B/4", depth=12, hidden_size=768, num_heads=12, patch_size=4, **kwargs)
+    return _registry_dit("DiT-B/4", dict(depth=12, hidden_size=768, num_heads=12, patch_size=4), kwargs)
 
 
 def DiT_B_8(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-B/8", depth=12, hidden_size=768, num_heads=12, patch_size=8, **kwargs)
+    return _registry_dit("DiT-B/8", dict(depth=12, hidden_size=768, num_heads=12, patch_size=8), kwargs)
 
 
 def DiT_S_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-S/2", depth=12, hidden_size=384, num_heads=6, patch_size=2, **kwargs)
+    return _registry_dit("DiT-S/2", dict(depth=12, hidden_size=384, num_heads=6, patch_size=2), kwargs)
 
 
 def DiT_S_4(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-S/4", depth=12, hidden_size=384, num_heads=6, patch_size=4, **kwargs)
+    return _registry_dit("DiT-S/4", dict(depth=12, hidden_size=384, num_heads=6, patch_size=4), kwargs)
 
 
 def DiT_S_8(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-S/8", depth=12, hidden_size=384, num_heads=6, patch_size=8, **kwargs)
+    return _registry_dit("DiT-S/8", dict(depth=12, hidden_size=384, num_heads=6, patch_size=8), kwargs)
 
 
 # TinyFusion's shallow results: DiT-XL/2 width with 19, 14 or 7 of its blocks kept.
 def DiT_D19_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-D19/2", depth=19, hidden_size=1152, num_heads=16, patch_size=2, **kwargs)
+    return _registry_dit("DiT-D19/2", dict(depth=19, hidden_size=1152, num_heads=16, patch_size=2), kwargs)
 
 
 def DiT_D14_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-D14/2", depth=14, hidden_size=1152, num_heads=16, patch_size=2, **kwargs)
+    return _registry_dit("DiT-D14/2", dict(depth=14, hidden_size=1152, num_heads=16, patch_size=2), kwargs)
 
 
 def DiT_D7_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-D7/2", depth=7, hidden_size=1152, num_heads=16, patch_size=2, **kwargs)
+    return _registry_dit("DiT-D7/2", dict(depth=7, hidden_size=1152, num_heads=16, patch_size=2), kwargs)
 
 
 # Small sizes for CPU work (e.g. 8x8 or 16x16 digits): Tiny has 8 blocks of width 128, Mini 12 of width 256.
 def DiT_Tiny_1(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-Tiny/1", depth=8, hidden_size=128, num_heads=4, patch_size=1, **kwargs)
+    return _registry_dit("DiT-Tiny/1", dict(depth=8, hidden_size=128, num_heads=4, patch_size=1), kwargs)
 
 
 def DiT_Tiny_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-Tiny/2", depth=8, hidden_size=128, num_heads=4, patch_size=2, **kwargs)
+    return _registry_dit("DiT-Tiny/2", dict(depth=8, hidden_size=128, num_heads=4, patch_size=2), kwargs)
 
 
 def DiT_Tiny_4(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-Tiny/4", depth=8, hidden_size=128, num_heads=4, patch_size=4, **kwargs)
+    return _registry_dit("DiT-Tiny/4", dict(depth=8, hidden_size=128, num_heads=4, patch_size=4), kwargs)
 
 
 def DiT_Mini_1(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-Mini/1", depth=12, hidden_size=256, num_heads=4, patch_size=1, **kwargs)
+    return _registry_dit("DiT-Mini/1", dict(depth=12, hidden_size=256, num_heads=4, patch_size=1), kwargs)
 
 
 def DiT_Mini_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-Mini/2", depth=12, hidden_size=256, num_heads=4, patch_size=2, **kwargs)
+    return _registry_dit("DiT-Mini/2", dict(depth=12, hidden_size=256, num_heads=4, patch_size=2), kwargs)
 
 
 def DiT_Mini_4(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-Mini/4", depth=12, hidden_size=256, num_heads=4, patch_size=4, **kwargs)
+    return _registry_dit("DiT-Mini/4", dict(depth=12, hidden_size=256, num_heads=4, patch_size=4), kwargs)
 
 
 DiT_models: dict[str, Callable[..., DiT]] = {
