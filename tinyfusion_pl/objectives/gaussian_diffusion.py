@@ -112,7 +112,7 @@ class GaussianDiffusion(DiffusionObjective):
         betas = make_betas(beta_schedule, num_timesteps)
         timestep_map = torch.arange(num_timesteps)
         if timestep_respacing is not None:
-            kept = space_timesteps(num_timesteps, timestep_respacing)
+            kept = _kept_timesteps(num_timesteps, timestep_respacing, "timestep_respacing")
             if len(kept) < num_timesteps:
                 betas, timestep_map = respace_betas(torch.cumprod(1.0 - betas, dim=0), kept)
         self.timestep_map = timestep_map  # (T',) original timestep of each step of this process
@@ -136,13 +136,13 @@ class GaussianDiffusion(DiffusionObjective):
         self.posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         self.posterior_mean_coef1 = betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod)
-        # The posterior variance is 0 at t = 0; its log is clipped by reusing the value at t = 1.
-        self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
-        )
+        # The posterior variance is 0 at t = 0; its log is clipped by reusing the value at t = 1
+        # (a one-step process has no t = 1, and beta_0 stands in).
+        first_variance = self.posterior_variance[1:2] if len(betas) > 1 else betas[:1]
+        self.posterior_log_variance_clipped = torch.log(torch.cat([first_variance, self.posterior_variance[1:]]))
         self.log_betas = torch.log(betas)
-        # "Fixed large" variance: betas, with the first entry set to the posterior variance at t = 1.
-        self.fixed_large_log_variance = torch.log(torch.cat([self.posterior_variance[1:2], betas[1:]]))
+        # "Fixed large" variance: betas, with the first entry set to the clipped posterior variance.
+        self.fixed_large_log_variance = torch.log(torch.cat([first_variance, betas[1:]]))
 
     def __repr__(self) -> str:
         return (
@@ -382,7 +382,7 @@ class GaussianDiffusion(DiffusionObjective):
             spacing = str(steps)
             if method == "ddim" and ddim_stride(self.original_num_timesteps, steps) is not None:
                 spacing = f"ddim{steps}"
-        kept = tuple(sorted(space_timesteps(self.original_num_timesteps, spacing)))
+        kept = tuple(sorted(_kept_timesteps(self.original_num_timesteps, spacing, "steps")))
         if kept not in self._respaced:
             self._respaced[kept] = GaussianDiffusion(
                 self.original_num_timesteps, self.beta_schedule, self.learn_sigma, timestep_respacing=spacing
@@ -492,6 +492,14 @@ def _validate_arguments(num_timesteps: int, beta_schedule: str, learn_sigma: boo
         )
     if not isinstance(learn_sigma, bool):
         raise ValueError(f"learn_sigma={learn_sigma!r} is invalid: expected True or False.")
+
+
+def _kept_timesteps(num_timesteps: int, spacing: str | int | Sequence[int], argument: str) -> set[int]:
+    """space_timesteps, with errors that name the caller's argument."""
+    try:
+        return space_timesteps(num_timesteps, spacing)
+    except ValueError as error:
+        raise ValueError(f"{argument}={spacing!r} cannot be used: {error}") from error
 
 
 def _check_timesteps(t: torch.Tensor, x: torch.Tensor) -> None:
