@@ -1,0 +1,146 @@
+"""The co-optimized weight update of TinyFusion: a small update trained jointly with the block gates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from tinyfusion_pl.pruning.containers import resolve_block_container
+from tinyfusion_pl.pruning.lora import check_lora_arguments, inject_lora, remove_lora
+
+METHODS = ("lora", "full", "frozen")
+
+
+class CoOptimizedWeightUpdate(L.Callback):
+    """Train a weight update of the blocks during fit (LoRA, full or none) and take it back out at the end.
+
+    method="lora" (the paper's default) wraps every Linear of the blocks in a LoRA adapter and freezes
+    every original weight of the LightningModule; "full" makes all block weights trainable; "frozen"
+    freezes every original weight so that only the block gates learn. When fit ends (or fails) the model
+    gets its original weights, plain Linear layers and requires_grad flags back (the paper's choice);
+    merge=True keeps the learned update in the weights instead.
+    """
+
+    def __init__(
+        self,
+        method: str = "lora",
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        blocks: str = "net.blocks",
+        merge: bool = False,
+        target: Sequence[str] | None = None,
+    ):
+        problems = []
+        if method not in METHODS:
+            problems.append(
+                f"method={method!r} is not one of {list(METHODS)}: 'lora' trains low-rank adapters (the paper's "
+                "default), 'full' all block weights, 'frozen' nothing but the gates"
+            )
+        if not isinstance(blocks, str) or not blocks:
+            problems.append(f"blocks={blocks!r} must be the dotted path to the block container, e.g. 'net.blocks'")
+        if not isinstance(merge, bool):
+            problems.append(f"merge={merge!r} must be True or False")
+        elif merge and method == "frozen":
+            problems.append("merge=True has nothing to merge with method='frozen'; drop merge or pick 'lora'/'full'")
+        if problems:
+            raise ValueError("Invalid CoOptimizedWeightUpdate arguments: " + "; ".join(problems) + ".")
+        check_lora_arguments(rank, alpha, dropout)
+        self.method = method
+        self.rank = rank
+        self.alpha = alpha
+        self.dropout = dropout
+        self.blocks = blocks
+        self.merge = merge
+        self.target = None if target is None else ([target] if isinstance(target, str) else list(target))
+        self.wrapped_layers: list[str] = []
+        self._container: nn.Module | None = None
+        self._requires_grad_before: list[tuple[nn.Parameter, bool]] = []
+        self._weights_before: list[tuple[nn.Parameter, torch.Tensor]] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before Lightning restores a checkpoint and builds the optimizers, so that a resumed run finds
+        # the adapters in the state dict and configure_optimizers sees exactly the trainable update.
+        if stage != "fit":
+            return
+        if self._container is not None:
+            raise RuntimeError(
+                "This CoOptimizedWeightUpdate is already active on a model; use one instance per running fit."
+            )
+        container = resolve_block_container(pl_module, self.blocks)
+        # Recorded first: if anything below fails, on_exception restores the model from this.
+        self._container = container
+        self._requires_grad_before = [(p, p.requires_grad) for p in pl_module.parameters()]
+        if self.method in ("lora", "frozen"):
+            pl_module.requires_grad_(False)
+        if self.method == "lora":
+            self.wrapped_layers = inject_lora(
+                container, rank=self.rank, alpha=self.alpha, dropout=self.dropout, target=self.target
+            )
+        if self.method == "full":
+            container.requires_grad_(True)
+            if not self.merge:
+                # Kept on the CPU so that discarding the update costs no accelerator memory.
+                self._weights_before = [
+                    (p, p.detach().to("cpu", copy=True)) for p in pl_module.parameters() if p.requires_grad
+                ]
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in pl_module.parameters())
+        rank_zero_info(
+            f"CoOptimizedWeightUpdate(method={self.method!r}): {trainable:,} of {total:,} parameters of "
+            f"{type(pl_module).__name__} train ({100 * trainable / max(total, 1):.2f}%)"
+            + (f", LoRA rank {self.rank} on {len(self.wrapped_layers)} Linear layers." if self.method == "lora" else ".")
+        )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._container is None or self.method == "frozen":
+            return
+        in_optimizer = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in self._container.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+        if missing:
+            raise ValueError(
+                f"CoOptimizedWeightUpdate(method={self.method!r}): the optimizer does not hold {len(missing)} "
+                f"trainable parameters of {self.blocks!r}, e.g. {missing[:3]}. The update is created in setup, "
+                "before configure_optimizers runs: build the optimizer from self.parameters() there "
+                "(frozen weights cost nothing: they get no gradient)."
+            )
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._restore_model()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning skips teardown when fit fails; the model must still come back as it was.
+        self._restore_model()
+
+    def _restore_model(self) -> None:
+        if self._container is None:
+            return
+        if self.method == "lora":
+            remove_lora(self._container, merge=self.merge)
+        with torch.no_grad():
+            for parameter, weights in self._weights_before:
+                parameter.copy_(weights)
+        for parameter, requires_grad in self._requires_grad_before:
+            parameter.requires_grad_(requires_grad)
+        self._container = None
+        self._requires_grad_before = []
+        self._weights_before = []
+
+    def state_dict(self) -> dict[str, Any]:
+        # The adapters themselves are in the model's state dict; this records how to rebuild them.
+        return {"method": self.method, "rank": self.rank, "alpha": self.alpha, "wrapped_layers": self.wrapped_layers}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = {key: state_dict[key] for key in ("method", "rank", "alpha") if key in state_dict}
+        current = {key: getattr(self, key) for key in saved}
+        if saved != current:
+            raise ValueError(
+                f"The checkpoint was trained with CoOptimizedWeightUpdate({saved}) but this run uses {current}. "
+                "Resume with the same method, rank and alpha, or start a new run."
+            )
