@@ -6,7 +6,11 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tinyfusion_pl.callbacks.block_mask import DifferentiableBlockMask
 from tinyfusion_pl.callbacks.weight_update import CoOptimizedWeightUpdate
+from tinyfusion_pl.models import DiT
+from tinyfusion_pl.objectives import GaussianDiffusion
+from tinyfusion_pl.pruning.export import prune_blocks
 from tinyfusion_pl.pruning.lora import LoRALinear
 
 WIDTH = 8
@@ -24,10 +28,10 @@ class Block(nn.Module):
 
 
 class Net(nn.Module):
-    def __init__(self):
+    def __init__(self, depth: int = 3):
         super().__init__()
         self.embed = nn.Linear(3, WIDTH)
-        self.blocks = nn.ModuleList(Block() for _ in range(3))
+        self.blocks = nn.ModuleList(Block() for _ in range(depth))
         self.head = nn.Linear(WIDTH, 1)
 
     def forward(self, x):
@@ -40,10 +44,10 @@ class Net(nn.Module):
 class Regression(L.LightningModule):
     """A user's own module: MSE regression, AdamW over self.parameters() (filtered or not)."""
 
-    def __init__(self, filter_trainable: bool = False, optimize: str = "all"):
+    def __init__(self, filter_trainable: bool = False, optimize: str = "all", depth: int = 3):
         super().__init__()
         torch.manual_seed(0)
-        self.net = Net().double()
+        self.net = Net(depth).double()
         self.filter_trainable = filter_trainable
         self.optimize = optimize
         # Stands in for the block gates, which live outside the model (needed with method="frozen").
@@ -266,3 +270,91 @@ def test_state_dict_round_trip_and_a_mismatched_checkpoint():
     CoOptimizedWeightUpdate(rank=4, alpha=8).load_state_dict({})
     with pytest.raises(ValueError, match=r"trained with CoOptimizedWeightUpdate\(.*'alpha': 8.*this run uses .*'alpha': 16"):
         CoOptimizedWeightUpdate(rank=4, alpha=16).load_state_dict(saved)
+
+
+class DenoiserModule(L.LightningModule):
+    """A hand-built user module: a tiny DiT trained with DiT's diffusion loss, blocks at `denoiser.blocks`."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.denoiser = DiT(input_size=4, patch_size=2, in_channels=2, hidden_size=16, depth=4, num_heads=2, num_classes=3)
+        with torch.no_grad():  # adaLN-Zero starts every block as the identity; random weights make them matter
+            for parameter in self.denoiser.parameters():
+                parameter.copy_(0.3 * torch.randn_like(parameter))
+        self.diffusion = GaussianDiffusion()
+
+    def training_step(self, batch, batch_index):
+        x, y = batch
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
+        return self.diffusion.training_losses(self.denoiser, x, t, model_kwargs={"y": y})["loss"].mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.0)
+
+
+def latent_data() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 2, 4, 4, generator=generator)
+    y = torch.randint(0, 3, (16,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+class TrainingRecord(L.Callback):
+    """What the optimizer holds and what moved, read just before the callbacks take their changes back out."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def on_fit_start(self, trainer, pl_module):
+        self.initial_gate_logits = [logits.detach().clone() for logits in self.mask.gates.gate_logits]
+
+    def on_train_end(self, trainer, pl_module):
+        names = {id(p): name for name, p in pl_module.named_parameters()}
+        gate_ids = {id(p) for p in self.mask.gates.gate_logits}
+        stepped = [p for p in trainer.optimizers[0].state]
+        self.stepped_model_parameters = sorted(names[id(p)] for p in stepped if id(p) in names)
+        self.stepped_gates = sum(id(p) in gate_ids for p in stepped)
+        self.gate_logits = [logits.detach().clone() for logits in self.mask.gates.gate_logits]
+        self.adapters = {name: p.detach().clone() for name, p in pl_module.named_parameters() if "lora_" in name}
+
+
+@pytest.mark.parametrize("method", ["lora", "frozen"])
+def test_with_the_block_mask_only_gates_and_adapters_learn_and_the_export_has_the_original_weights(method):
+    torch.manual_seed(0)
+    module = DenoiserModule()
+    before = snapshot(module)
+    mask = DifferentiableBlockMask(blocks="denoiser.blocks", pattern="1:2", plot=False)
+    record = TrainingRecord(mask)
+    update = CoOptimizedWeightUpdate(method=method, blocks="denoiser.blocks", **({"rank": 2} if method == "lora" else {}))
+    trainer = L.Trainer(
+        max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[mask, update, record],
+    )
+    trainer.fit(module, train_dataloaders=latent_data())
+
+    expected_adapters = sorted(
+        f"denoiser.blocks.{i}.{layer}.{ab}.weight"
+        for i in range(4)
+        for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
+        for ab in ("lora_a", "lora_b")
+    )
+    assert record.stepped_model_parameters == (expected_adapters if method == "lora" else [])
+    assert record.stepped_gates == 2
+    assert all(not torch.equal(a, b) for a, b in zip(record.initial_gate_logits, record.gate_logits, strict=True))
+    if method == "lora":
+        assert all(torch.count_nonzero(record.adapters[name]) for name in expected_adapters if "lora_b" in name)
+
+    # The model is back as it was: original weights, plain Linears, no hooks.
+    after = snapshot(module)
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    assert not any(isinstance(m, LoRALinear) for m in module.modules())
+    assert not any(block._forward_hooks for block in module.denoiser.blocks)
+
+    kept = mask.kept_blocks
+    assert len(kept) == 2 and kept[0] in (0, 1) and kept[1] in (2, 3)
+    shallow = prune_blocks(module.denoiser, blocks="blocks", keep=kept)
+    reference = DiT(input_size=4, patch_size=2, in_channels=2, hidden_size=16, depth=2, num_heads=2, num_classes=3)
+    reference.load_state_dict(shallow.state_dict(), strict=True)
+    for new_index, old_index in enumerate(kept):
+        assert torch.equal(shallow.blocks[new_index].mlp.fc1.weight, before[f"denoiser.blocks.{old_index}.mlp.fc1.weight"])
