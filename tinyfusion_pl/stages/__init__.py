@@ -1,0 +1,18 @@
+"""The stages that train.py runs; `run_stage(cfg)` is the plain function behind the Hydra entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+from tinyfusion_pl.stages.pretrain import run_pretrain
+
+STAGES = {"pretrain": run_pretrain}
+
+
+def run_stage(cfg: DictConfig) -> dict[str, Any]:
+    """Run the stage named by `cfg.stage` and return its metrics."""
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage='{cfg.stage}' is not one of {sorted(STAGES)}. Pass e.g. stage=pretrain.")
+    return STAGES[cfg.stage](cfg)

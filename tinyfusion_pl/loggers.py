@@ -1,0 +1,45 @@
+"""Logger factories: W&B that works with no account and no network."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import Logger, WandbLogger
+
+from tinyfusion_pl.io import save_text
+
+
+def wandb_is_configured() -> bool:
+    """True when the user set up W&B: an API key in the environment or a `wandb login` entry in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_logger(save_dir: str, project: str = "tinyfusion_pl", mode: str | None = None, **kwargs: Any) -> WandbLogger:
+    """A WandbLogger that runs offline unless W&B is configured (or WANDB_MODE / `mode` says otherwise)."""
+    mode = mode or os.environ.get("WANDB_MODE") or ("online" if wandb_is_configured() else "offline")
+    if mode not in ("online", "offline", "disabled"):
+        raise ValueError(f"logger.wandb.mode='{mode}' must be 'online', 'offline' or 'disabled'.")
+    return WandbLogger(save_dir=save_dir, project=project, offline=mode == "offline", mode=mode, **kwargs)
+
+
+def describe_offline_runs(loggers: list[Logger], folder: Path) -> Path | None:
+    """Write `WANDB.md` in `folder` naming each offline W&B run and the `wandb sync` command for it."""
+    lines = []
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger.experiment.settings.mode == "offline":
+            run_dir = Path(logger.experiment.dir).parent  # .../wandb/offline-run-<time>-<id>
+            lines.append(f"- offline run `{run_dir}`: upload it with `wandb sync {run_dir}`")
+    if not lines:
+        return None
+    text = "# Weights & Biases\n\nThis stage logged to W&B offline (no account or network was configured).\n\n"
+    path = save_text(text + "\n".join(lines) + "\n", folder / "WANDB.md")
+    print(f"W&B offline run(s): see {path}")
+    return path

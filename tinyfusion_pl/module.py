@@ -1,0 +1,199 @@
+"""DiffusionModule: trains any denoiser `net(x_t, t, **cond)` with a diffusion objective."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from tinyfusion_pl.models.checkpoints import extract_state_dict, load_checkpoint_file, load_dit_state_dict
+from tinyfusion_pl.models.dit import DiT
+from tinyfusion_pl.objectives import DiffusionObjective, GaussianDiffusion, classifier_free_guidance
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def load_weights(net: nn.Module, checkpoint: str | dict, prefer: str = "ema") -> None:
+    """Load a checkpoint file or object (plain, reference {'model','ema'} or Lightning) into `net`, strictly."""
+    loaded = load_checkpoint_file(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    state_dict = extract_state_dict(loaded, prefer=prefer)
+    if isinstance(net, DiT):
+        load_dit_state_dict(net, state_dict)
+    else:
+        net.load_state_dict(state_dict, strict=True)
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains a denoiser with a diffusion objective, keeps an EMA of its weights, and samples with CFG.
+
+    Batches are `(x, y)` (class-conditional, passed to the net as `y=`) or `x` alone.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        objective: DiffusionObjective | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        lr_schedule: str = "constant",
+        min_lr: float = 0.0,
+        ema_decay: float | None = 0.9999,
+        init_checkpoint: str | None = None,
+        init_from: str = "ema",
+        skip_nonfinite_steps: bool = False,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr={lr} must be > 0.")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule='{lr_schedule}' is not one of {LR_SCHEDULES}.")
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay={ema_decay} must be in [0, 1), or None to keep no EMA.")
+        if init_from not in ("ema", "model"):
+            raise ValueError(f"init_from='{init_from}' must be 'ema' or 'model'.")
+        self.save_hyperparameters(ignore=["net", "objective"])
+        self.net = net
+        self.objective = objective if objective is not None else GaussianDiffusion()
+        if init_checkpoint:
+            load_weights(self.net, init_checkpoint, prefer=init_from)
+        self.ema: AveragedModel | None = None
+        if ema_decay is not None:
+            self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)
+        self.nonfinite_steps = 0
+        self._last_step_time: float | None = None
+
+    # ------------------------------------------------------------------ training
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        return self.net(x, t, **cond)
+
+    @staticmethod
+    def split_batch(batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(x, y) -> (x, {'y': y}); a bare tensor -> (x, {})."""
+        if isinstance(batch, torch.Tensor):
+            return batch, {}
+        x, y = batch[0], batch[1]
+        return x, {"y": y}
+
+    def diffusion_terms(self, batch: Any, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The objective's per-sample loss terms on one batch, at random timesteps and noise."""
+        x, cond = self.split_batch(batch)
+        t = self.objective.sample_timesteps(x.shape[0], x.device, generator=generator)
+        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        return self.objective.training_losses(self.net, x, t, noise=noise, model_kwargs=cond)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        terms = self.diffusion_terms(batch)
+        loss = terms["loss"].mean()
+        self.log_terms("train", terms, batch_size=len(terms["loss"]))
+        self.log_throughput(len(terms["loss"]))
+        if self.hparams.skip_nonfinite_steps and not torch.isfinite(loss):
+            return self.skip_step()
+        return loss
+
+    def skip_step(self) -> None:
+        """Count and log a step whose loss is not finite; returning None makes Lightning skip the update."""
+        self.nonfinite_steps += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        return None
+
+    def log_terms(self, split: str, terms: dict[str, torch.Tensor], batch_size: int) -> None:
+        for name, value in terms.items():
+            if value.ndim <= 1:
+                self.log(f"{split}/{name}", value.float().mean(), prog_bar=name == "loss", batch_size=batch_size,
+                         sync_dist=split != "train")
+
+    def log_throughput(self, batch_size: int) -> None:
+        # Host wall-clock between steps: no device sync, and it converges to the real rate once the queue is full.
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            self.log("train/samples_per_s", batch_size / max(now - self._last_step_time, 1e-9))
+        self._last_step_time = now
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_time = None  # do not count validation or data-loader start-up as step time
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        terms = self.diffusion_terms(batch, generator=self._val_generator)
+        self.log_terms("val", terms, batch_size=len(terms["loss"]))
+
+    def on_validation_epoch_start(self) -> None:
+        # The same timesteps and noise every epoch make validation losses comparable across epochs.
+        self._val_generator = torch.Generator(self.device).manual_seed(0)
+
+    # ------------------------------------------------------------------ EMA
+    def on_fit_start(self) -> None:
+        if self.ema is not None and _parameter_shapes(self.ema.module) != _parameter_shapes(self.net):
+            raise RuntimeError(
+                "The net's parameters no longer match its EMA copy (a callback changed the architecture, e.g. LoRA "
+                "adapters). Build the DiffusionModule with ema_decay=None for pruning runs."
+            )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                      betas=tuple(self.hparams.betas))
+        if self.hparams.lr_schedule == "constant":
+            return optimizer
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        min_ratio = self.hparams.min_lr / self.hparams.lr
+
+        def cosine(step: int) -> float:
+            progress = min(step / total_steps, 1.0)
+            return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ sampling
+    def sampling_net(self, use_ema: bool = True) -> nn.Module:
+        """The EMA copy of the net when there is one and `use_ema`, else the trained net."""
+        return self.ema.module if use_ema and self.ema is not None else self.net
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: torch.Tensor,
+        steps: int | str = 250,
+        method: str = "ddpm",
+        cfg_scale: float = 1.0,
+        guidance_channels: int | None = None,
+        eta: float = 0.0,
+        use_ema: bool = True,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Class-conditional samples (N, C, H, W) for `labels`, with classifier-free guidance when cfg_scale > 1.
+
+        guidance_channels=None guides every noise channel (the standard form); 3 is DiT's reproduction convention.
+        """
+        net = self.sampling_net(use_ema)
+        shape = (len(labels), net.in_channels, net.input_size, net.input_size)
+        noise = torch.randn(shape, device=self.device, generator=generator)
+        labels = labels.to(self.device)
+        model = net
+        if cfg_scale > 1.0:
+            model = classifier_free_guidance(net, cfg_scale, null_label=net.num_classes,
+                                             guidance_channels=guidance_channels)
+        was_training = net.training
+        net.eval()  # a DiT in train mode would drop labels at random
+        try:
+            return self.objective.sample(model, noise, model_kwargs={"y": labels}, steps=steps, method=method,
+                                         eta=eta, generator=generator, progress=progress)
+        finally:
+            net.train(was_training)
+
+
+def _parameter_shapes(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(name, tuple(p.shape)) for name, p in module.named_parameters()]
