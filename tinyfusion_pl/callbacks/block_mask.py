@@ -1,0 +1,452 @@
+"""DifferentiableBlockMask: learn which blocks of any transformer to keep, inside any Lightning Trainer."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn as nn
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from tinyfusion_pl.pruning.block_hooks import BlockMask, BlockMaskHooks
+from tinyfusion_pl.pruning.containers import resolve_block_container
+from tinyfusion_pl.pruning.dynamics import decision_dynamics_figure, save_figure_atomically
+from tinyfusion_pl.pruning.gates import BlockGates, Schedule, linear_schedule
+from tinyfusion_pl.pruning.patterns import BlockPattern, Group
+
+DYNAMICS_FILENAME = "decision_dynamics.png"
+
+
+def _check_schedule(name: str, value: object) -> tuple[Schedule | None, str | None]:
+    """A positive number or a (start, end) pair of positive numbers, else an error message."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value), None
+    if (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        return (float(value[0]), float(value[1])), None
+    return None, (
+        f"{name}={value!r} must be a positive number (constant) or a (start, end) pair of positive numbers "
+        f"annealed linearly over the run, e.g. {name}=(4.0, 0.1)."
+    )
+
+
+class DifferentiableBlockMask(Callback):
+    """Learns, while the user's LightningModule trains, which N of every M consecutive blocks to keep.
+
+    Every block of ``blocks`` keeps running, but its output hidden state becomes
+    ``m * block(x, ...) + (1 - m) * x`` with a per-sample hard 0/1 mask ``m`` drawn once per training batch by
+    a straight-through Gumbel-softmax over the C(M, N) keep-options of its group. Outside training batches
+    (validation, sampling, ``trainer.validate``) every block follows the current decision, so the logged
+    validation metrics measure the pruned model. The decision is, per group, the option with the largest
+    exponential moving average of its logit; ``kept_blocks`` holds it at any time.
+
+    Args:
+        blocks: dotted path from the LightningModule to the container of blocks (e.g. ``"net.blocks"``).
+        pattern: ``"N:M"`` for equal consecutive groups, or a list of ``[N, M]`` groups whose M cover the depth.
+        keep_ratio: instead of ``pattern``, the kept fraction of blocks; with ``group_size`` the M of the groups,
+            without it the smallest group size that realises the ratio on this depth.
+        group_size: the M used with ``keep_ratio``.
+        scaling: factor on the logits before the Gumbel-softmax; a number, or (start, end) annealed linearly.
+        tau: Gumbel-softmax temperature; a number, or (start, end) annealed linearly from the first to the
+            last step of the run.
+        init_logit: initial value of every logit (equal values: every option equally likely).
+        lr_multiplier: the gate logits get their own parameter group in the first optimizer, at this multiple
+            of the current learning rate of its first parameter group (re-applied before every step, so the
+            gates follow the user's schedule), with weight decay 0.
+        ema_decay: decay of the moving average of the logits that makes the decision.
+        hidden_state: positional index or keyword name of the hidden-state argument of a block's forward.
+            The batch must be its first dimension, and blocks must not modify it in place.
+        total_steps: optimizer steps the schedules span; default ``trainer.estimated_stepping_batches``.
+        seed: seed of the Gumbel noise; default ``torch.initial_seed()`` (the one ``L.seed_everything`` set).
+            Each draw is seeded from (seed, rank, draw count), so a resumed run draws the same noise.
+        plot: at the end of fit, write ``decision_dynamics.png`` in the run folder and log it as an image.
+        log_every_n_steps: steps between logged metrics and decision-history records; default the Trainer's.
+    """
+
+    def __init__(
+        self,
+        blocks: str,
+        pattern: str | Sequence[Sequence[int]] | None = None,
+        keep_ratio: float | None = None,
+        group_size: int | None = None,
+        scaling: Schedule = 100.0,
+        tau: Schedule = (4.0, 0.1),
+        init_logit: float = 0.02,
+        lr_multiplier: float = 10.0,
+        ema_decay: float = 0.999,
+        hidden_state: int | str = 0,
+        total_steps: int | None = None,
+        seed: int | None = None,
+        plot: bool = True,
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        errors = []
+        if not isinstance(blocks, str) or not blocks:
+            errors.append(
+                f"blocks={blocks!r} must be the dotted path from the LightningModule to the block container, "
+                "e.g. blocks='net.blocks'."
+            )
+        try:
+            self.pattern = BlockPattern.parse(pattern, keep_ratio, group_size)
+        except ValueError as error:
+            errors.append(str(error))
+        self.scaling, message = _check_schedule("scaling", scaling)
+        errors += [message] if message else []
+        self.tau, message = _check_schedule("tau", tau)
+        errors += [message] if message else []
+        if isinstance(init_logit, bool) or not isinstance(init_logit, (int, float)) or not math.isfinite(init_logit):
+            errors.append(f"init_logit={init_logit!r} must be a finite number (the paper uses 0.02).")
+        if isinstance(lr_multiplier, bool) or not isinstance(lr_multiplier, (int, float)) or lr_multiplier <= 0:
+            errors.append(f"lr_multiplier={lr_multiplier!r} must be a positive number (the paper uses 10.0).")
+        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0 <= ema_decay < 1:
+            errors.append(f"ema_decay={ema_decay!r} must be in [0, 1) (the paper uses 0.999; 0 disables the EMA).")
+        if isinstance(hidden_state, bool) or not (
+            (isinstance(hidden_state, int) and hidden_state >= 0) or (isinstance(hidden_state, str) and hidden_state)
+        ):
+            errors.append(
+                f"hidden_state={hidden_state!r} must be the positional index (>= 0) or the keyword name of the "
+                "hidden-state argument of a block's forward, e.g. 0 or 'x'."
+            )
+        for name, value in (("total_steps", total_steps), ("log_every_n_steps", log_every_n_steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                errors.append(f"{name}={value!r} must be a positive integer or None (None: taken from the Trainer).")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            errors.append(f"seed={seed!r} must be a non-negative integer or None (None: torch.initial_seed()).")
+        if errors:
+            raise ValueError("DifferentiableBlockMask: " + "\n".join(errors))
+
+        self.blocks = blocks
+        self.init_logit = float(init_logit)
+        self.lr_multiplier = float(lr_multiplier)
+        self.ema_decay = float(ema_decay)
+        self.hidden_state = hidden_state
+        self.total_steps = total_steps
+        self.plot = plot
+        self.log_every_n_steps = log_every_n_steps
+        self.gates: BlockGates | None = None
+        fixed = self.pattern.fixed_groups
+        if fixed is not None:
+            self.gates = BlockGates(fixed, self.init_logit)
+        self._seed = seed
+        self._rank = 0
+        self._draws = 0
+        self._progress = 0.0
+        self._decision_changes: int | torch.Tensor = 0
+        self._step_at_batch_start = 0
+        self._history: list[dict[str, Any]] = []
+        self._previous_choice: torch.Tensor | None = None
+        self._hooks: BlockMaskHooks | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._sampling = False
+        self._sample: torch.Tensor | None = None
+        self._kept_mask: list[bool] | None = None
+        self._run_steps: int | None = None
+        self._record_every = 1
+
+    # ------------------------------------------------------------------ public read-outs
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(blocks=self.blocks, pattern=self.pattern.describe())
+
+    @property
+    def groups(self) -> list[Group]:
+        """The [N, M] groups in block order (known at construction for an explicit list, else after setup)."""
+        return list(self._ready_gates().groups)
+
+    @property
+    def kept_blocks(self) -> list[int]:
+        """Sorted global indices of the blocks the current decision keeps."""
+        return self._ready_gates().kept_blocks()
+
+    @property
+    def chosen_options(self) -> list[int]:
+        """Per group, the index of the decided option among its C(M, N) options (lexicographic)."""
+        return self._ready_gates().chosen_options().tolist()
+
+    @property
+    def confidences(self) -> list[float]:
+        """Per group, the probability that a hard Gumbel draw at the current scaling picks the decided option."""
+        return self._ready_gates().confidences(self.current_scaling)
+
+    @property
+    def current_tau(self) -> float:
+        """The temperature at the current point of the run."""
+        return linear_schedule(self.tau, self._progress)
+
+    @property
+    def current_scaling(self) -> float:
+        """The logit scaling at the current point of the run."""
+        return linear_schedule(self.scaling, self._progress)
+
+    def decision(self) -> dict[str, Any]:
+        """The current decision and its history as a JSON-able dict."""
+        gates = self._ready_gates()
+        chosen = gates.chosen_options().tolist()
+        return {
+            "blocks": self.blocks,
+            "depth": gates.depth,
+            "pattern": self.pattern.describe(),
+            "groups": [list(group) for group in gates.groups],
+            "kept_blocks": gates.kept_blocks(),
+            "group_kept_blocks": gates.kept_by_group(chosen),
+            "chosen_options": chosen,
+            "confidences": gates.confidences(self.current_scaling),
+            "scaling": self.current_scaling,
+            "history": copy.deepcopy(self._history),
+        }
+
+    def save_decision(self, path: str | os.PathLike) -> Path:
+        """Write `decision()` as JSON at `path`, atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w") as stream:
+                json.dump(self.decision(), stream, indent=2)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return path
+
+    def plot_dynamics(self, path: str | os.PathLike) -> Path:
+        """Write the decision-dynamics PNG (kept blocks per group against the step) at `path`, atomically."""
+        return save_figure_atomically(decision_dynamics_figure(self._history, self.groups), path)
+
+    def _ready_gates(self) -> BlockGates:
+        if self.gates is None:
+            raise RuntimeError(
+                f"DifferentiableBlockMask(pattern={self.pattern.describe()!r}) does not know the depth of "
+                f"'{self.blocks}' yet: the decision exists once trainer.fit (or validate) has run setup. "
+                "Pass pattern as an explicit list of [N, M] groups to have it from construction."
+            )
+        return self.gates
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        container = resolve_block_container(pl_module, self.blocks)
+        groups = self.pattern.groups_for_depth(len(container))
+        if self.gates is None:
+            self.gates = BlockGates(groups, self.init_logit)
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+        if self._seed is None:
+            self._seed = torch.initial_seed()
+        self._rank = trainer.global_rank
+        self._remove_hooks()
+        self._hooks = BlockMaskHooks(list(container), self._mask_for_block, self.hidden_state)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.optimizers:
+            raise RuntimeError(
+                "DifferentiableBlockMask needs an optimizer to train the gate logits, but configure_optimizers "
+                "returned none. Return an optimizer (e.g. AdamW) from configure_optimizers."
+            )
+        gates = self._ready_gates()
+        gates.to(pl_module.device)
+        self._kept_mask = None
+        self._previous_choice = gates.chosen_options()
+        self._run_steps = self.total_steps or self._estimate_run_steps(trainer)
+        self._record_every = self.log_every_n_steps or max(trainer.log_every_n_steps, 1)
+        optimizer = trainer.optimizers[0]
+        base_lr = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+        gate_group: dict[str, Any] = {"params": list(gates.gate_logits), "lr": self.lr_multiplier * base_lr}
+        gate_group["initial_lr"] = gate_group["lr"]
+        if "weight_decay" in optimizer.defaults:
+            # decay would pull the logits back toward uniform and blur the decision
+            gate_group["weight_decay"] = 0.0
+        optimizer.add_param_group(gate_group)
+        if not self._history:
+            self._record(trainer.global_step)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._progress = trainer.global_step / max(self._run_steps - 1, 1)
+        self._step_at_batch_start = trainer.global_step
+        self._sampling = True
+        self._sample = None
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        gates = self._ready_gates()
+        first_gate = gates.gate_logits[0]
+        gate_group = next((g for g in optimizer.param_groups if any(p is first_gate for p in g["params"])), None)
+        if gate_group is None:
+            return
+        gate_group["lr"] = self.lr_multiplier * optimizer.param_groups[0]["lr"]
+        if trainer.world_size > 1:
+            # The gates live outside the DDP-wrapped module, so their gradients are averaged here; with
+            # identical initial values and identical updates the logits, EMA and decision agree on every rank.
+            for logits in gates.gate_logits:
+                gradient = logits.grad if logits.grad is not None else torch.zeros_like(logits)
+                logits.grad = trainer.strategy.reduce(gradient, reduce_op="mean")
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._sampling = False
+        self._sample = None
+        if trainer.global_step == self._step_at_batch_start:  # accumulating gradients: no optimizer step yet
+            return
+        gates = self._ready_gates()
+        gates.update_ema(self.ema_decay)
+        self._kept_mask = None
+        chosen = gates.chosen_options()
+        # a device tensor, so that counting needs no host sync on steps that are not logged
+        self._decision_changes = self._decision_changes + (chosen != self._previous_choice).sum()
+        self._previous_choice = chosen
+        if trainer.global_step % self._record_every == 0:
+            self._record(trainer.global_step)
+            self._log_metrics(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._history or self._history[-1]["step"] != trainer.global_step:
+            self._record(trainer.global_step)
+        rank_zero_info(f"DifferentiableBlockMask: keeping blocks {self.kept_blocks} of '{self.blocks}'.")
+        if not self.plot:
+            return
+        run_folder = trainer.log_dir or trainer.default_root_dir  # collective call: every rank asks
+        if not trainer.is_global_zero:
+            return
+        figure = decision_dynamics_figure(self._history, self.groups)
+        path = save_figure_atomically(figure, Path(run_folder) / DYNAMICS_FILENAME)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # WandbLogger and loggers shaped like it
+                logger.log_image(key="block_mask/decision_dynamics", images=[str(path)], step=trainer.global_step)
+            elif hasattr(getattr(logger, "experiment", None), "add_figure"):  # TensorBoard's SummaryWriter
+                logger.experiment.add_figure("block_mask/decision_dynamics", figure, trainer.global_step)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning skips the teardown hooks when fit fails; the model must still come back unhooked.
+        self._remove_hooks()
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.gates is None:
+            return {}
+        return {
+            "groups": [list(group) for group in self.gates.groups],
+            "gate_logits": [logits.detach().cpu().clone() for logits in self.gates.gate_logits],
+            "ema_logits": [ema.detach().cpu().clone() for ema in self.gates.ema_logits],
+            "seed": self._seed,
+            "draws": self._draws,
+            "progress": self._progress,
+            "decision_changes": int(self._decision_changes),
+            "history": copy.deepcopy(self._history),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.gates is None:  # the depth is not known before setup; apply it there
+            self._pending_state = dict(state_dict)
+            return
+        self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        gates = self._ready_gates()
+        saved_groups = [tuple(group) for group in state.get("groups", gates.groups)]
+        if saved_groups != list(gates.groups):
+            raise ValueError(
+                f"The checkpoint's DifferentiableBlockMask state has groups {saved_groups}, but this callback "
+                f"has {list(gates.groups)}. Resume with the pattern the checkpoint was trained with."
+            )
+        with torch.no_grad():
+            for target, saved in zip(gates.gate_logits, state.get("gate_logits", []), strict=False):
+                target.copy_(saved)
+            for target, saved in zip(gates.ema_logits, state.get("ema_logits", []), strict=False):
+                target.copy_(saved)
+        self._seed = state.get("seed", self._seed)
+        self._draws = state.get("draws", self._draws)
+        self._progress = state.get("progress", self._progress)
+        self._decision_changes = state.get("decision_changes", self._decision_changes)
+        self._history = copy.deepcopy(state.get("history", self._history))
+        self._previous_choice = gates.chosen_options()
+        self._kept_mask = None
+
+    # ------------------------------------------------------------------ internals
+
+    def _mask_for_block(self, index: int, hidden_in: torch.Tensor, block: nn.Module) -> BlockMask:
+        """Per-sample gate draw in training batches; the current hard decision everywhere else."""
+        if self._sampling and block.training:
+            # One draw per training batch, shared by all blocks (and by any recomputation of them).
+            if self._sample is None or self._sample.shape[0] != hidden_in.shape[0]:
+                self._sample = self._draw_sample(hidden_in.shape[0]).to(hidden_in.device)  # (B, L)
+            return self._sample[:, index]
+        if self._kept_mask is None:
+            kept = set(self._ready_gates().kept_blocks())
+            self._kept_mask = [block_index in kept for block_index in range(self._ready_gates().depth)]
+        return self._kept_mask[index]
+
+    def _draw_sample(self, batch_size: int) -> torch.Tensor:
+        """Hard per-sample masks (B, L) from noise that depends only on (seed, rank, draw count)."""
+        entropy = np.random.SeedSequence([self._seed, self._rank, self._draws]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(entropy))
+        self._draws += 1
+        gates = self._ready_gates()
+        return gates.sample_masks(gates.draw_noise(batch_size, generator), self.current_scaling, self.current_tau)
+
+    def _estimate_run_steps(self, trainer: L.Trainer) -> int:
+        steps = trainer.estimated_stepping_batches
+        if not math.isfinite(steps) or steps < 1:
+            raise ValueError(
+                f"DifferentiableBlockMask anneals tau/scaling over the run, but the Trainer's run length is "
+                f"{steps} steps. Set Trainer(max_steps=...) or max_epochs, or pass total_steps=... to the callback."
+            )
+        return int(steps)
+
+    def _record(self, step: int) -> None:
+        gates = self._ready_gates()
+        self._history.append(
+            {
+                "step": int(step),
+                "chosen_options": gates.chosen_options().tolist(),
+                "confidences": gates.confidences(self.current_scaling),
+            }
+        )
+
+    def _log_metrics(self, trainer: L.Trainer) -> None:
+        """Log through every logger the Trainer has, on global rank zero only."""
+        if not trainer.loggers or not trainer.is_global_zero:
+            self._decision_changes = 0
+            return
+        record = self._history[-1]
+        metrics = {
+            "block_mask/tau": self.current_tau,
+            "block_mask/scaling": self.current_scaling,
+            "block_mask/decision_changes": float(self._decision_changes),
+            "block_mask/mean_confidence": float(np.mean(record["confidences"])),
+        }
+        for group, (option, confidence) in enumerate(zip(record["chosen_options"], record["confidences"], strict=True)):
+            metrics[f"block_mask/confidence/group_{group}"] = confidence
+            metrics[f"block_mask/choice/group_{group}"] = float(option)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=record["step"])
+        self._decision_changes = 0
+
+    def _remove_hooks(self) -> None:
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        self._sampling = False
+        self._sample = None
