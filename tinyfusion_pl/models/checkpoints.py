@@ -72,7 +72,7 @@ def load_checkpoint_file(path: str | os.PathLike, weights_only: bool = True) -> 
         raise RuntimeError(
             f"could not read checkpoint {str(path)!r}: it is not a torch checkpoint or it is damaged ({error})."
         ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except Exception as error:  # a damaged file fails deep inside the unpickler with many error types
         raise RuntimeError(
             f"could not read checkpoint {str(path)!r}: it is not a torch checkpoint or it is damaged ({error})."
         ) from error
