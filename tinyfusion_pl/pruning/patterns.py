@@ -16,6 +16,7 @@ Group = tuple[int, int]  # (N kept, M in the group)
 # those tables small (7:14 has 3,432 options, 8:16 has 12,870, 10:20 would have 184,756).
 MAX_OPTIONS_PER_GROUP = 20_000
 
+_RATIO_TOLERANCE = 1e-4
 _PATTERN_EXAMPLES = "'1:2', '2:4', '7:14' or [[2, 4], [3, 4], ...]"
 
 
@@ -61,6 +62,12 @@ def _parse_pair(text: str) -> Group | None:
     if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
         return None
     return int(parts[0]), int(parts[1])
+
+
+def _keep_count(keep_ratio: float, size: int) -> int | None:
+    """N with N / size == keep_ratio up to the 4 significant digits refusals print ratios with, else None."""
+    keep = round(keep_ratio * size)
+    return keep if keep >= 1 and math.isclose(keep / size, keep_ratio, abs_tol=_RATIO_TOLERANCE) else None
 
 
 def _as_int(value: object) -> int | None:
@@ -156,14 +163,14 @@ class BlockPattern:
             raise ValueError(
                 f"group_size={group_size!r} must be a positive integer, the M of N:M (e.g. 4 for groups of 4)."
             )
-        keep = keep_ratio * size
-        if not math.isclose(keep, round(keep), abs_tol=1e-9) or round(keep) < 1:
-            realisable = ", ".join(f"{k / size:g}" for k in range(1, size + 1))
+        keep = _keep_count(keep_ratio, size)
+        if keep is None:
+            realisable = ", ".join(f"{k / size:.4g}" for k in range(1, size + 1))
             raise ValueError(
-                f"keep_ratio={keep_ratio!r} with group_size={size} would keep {keep:g} blocks per group, "
-                f"not a whole number. With group_size={size} the realisable keep ratios are {realisable}."
+                f"keep_ratio={keep_ratio!r} with group_size={size} would keep {keep_ratio * size:.4g} blocks per "
+                f"group, not a whole number. With group_size={size} the realisable keep ratios are {realisable}."
             )
-        _check_group(round(keep), size, where=f"keep_ratio={keep_ratio!r} with group_size={size}")
+        _check_group(keep, size, where=f"keep_ratio={keep_ratio!r} with group_size={size}")
         return cls(keep_ratio=float(keep_ratio), group_size=size)
 
     @property
@@ -210,13 +217,13 @@ class BlockPattern:
                     f"group_size={self.group_size} does not divide the depth {depth}. "
                     f"Use a group_size among {', '.join(str(d) for d in _divisors(depth))}."
                 )
-            return [(round(ratio * self.group_size), self.group_size)] * (depth // self.group_size)
+            return [(_keep_count(ratio, self.group_size), self.group_size)] * (depth // self.group_size)
         # The smallest group that realises the ratio keeps each choice local and the option tables small.
         for size in _divisors(depth):
-            keep = ratio * size
-            if math.isclose(keep, round(keep), abs_tol=1e-9) and round(keep) >= 1:
-                _check_group(round(keep), size, where=f"keep_ratio={ratio!r} on {depth} blocks")
-                return [(round(keep), size)] * (depth // size)
+            keep = _keep_count(ratio, size)
+            if keep is not None:
+                _check_group(keep, size, where=f"keep_ratio={ratio!r} on {depth} blocks")
+                return [(keep, size)] * (depth // size)
         realisable = sorted(
             {Fraction(k, size) for size in _divisors(depth) for k in range(1, size + 1)
              if math.comb(size, k) <= MAX_OPTIONS_PER_GROUP}
