@@ -7,8 +7,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tinyfusion_pl.stages.pretrain import run_pretrain
+from tinyfusion_pl.stages.prune import run_prune
 
-STAGES = {"pretrain": run_pretrain}
+STAGES = {"pretrain": run_pretrain, "prune": run_prune}
 
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:

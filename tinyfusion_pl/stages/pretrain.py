@@ -12,7 +12,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl.io import save_json, save_torch
 from tinyfusion_pl.module import DiffusionModule
-from tinyfusion_pl.stages.common import build_trainer, finish_loggers, save_image_grid, stage_dir
+from tinyfusion_pl.stages.common import (
+    build_trainer,
+    config_fingerprint,
+    finish_loggers,
+    save_image_grid,
+    stage_dir,
+)
+
+
+def cached_teacher_path(cfg: DictConfig) -> Path:
+    """Where the pretrained checkpoint for this model, data, objective, pretraining and seed is cached."""
+    key = config_fingerprint(cfg.model, cfg.data, cfg.objective, cfg.pretrain, cfg.seed)
+    return Path(cfg.paths.cache_dir) / "teachers" / key / "model.pt"
+
+
+def is_embedded_default(cfg: DictConfig) -> bool:
+    return cfg.data._target_.endswith("DigitsDataModule")
 
 
 def build_module(cfg: DictConfig, stage_cfg: DictConfig, net: torch.nn.Module | None = None) -> DiffusionModule:
@@ -52,7 +68,9 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, "pretrain", max_steps=cfg.pretrain.max_steps)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.pretrain.resume_from)
     finish_loggers(trainer, folder)
-    checkpoint = save_torch(checkpoint_payload(module, cfg), folder / "model.pt")
+    payload = checkpoint_payload(module, cfg)
+    checkpoint = save_torch(payload, folder / "model.pt")
+    save_torch(payload, cached_teacher_path(cfg))  # later stages and runs reuse it instead of retraining
     metrics: dict[str, Any] = {"steps": trainer.global_step, "checkpoint": str(checkpoint)}
     if cfg.sampling.samples_per_class > 0:
         images, labels = sample_grid(module, cfg, folder / "samples.png", title=f"{cfg.model.name}, pretrained")
@@ -63,7 +81,7 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
 
 def evaluate_digits_samples(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Conditional accuracy of digits samples under the cached digits classifier; nothing for other data."""
-    if not cfg.data._target_.endswith("DigitsDataModule"):
+    if not is_embedded_default(cfg):
         return {}
     from tinyfusion_pl.evaluation.digits_classifier import (
         conditional_accuracy,
