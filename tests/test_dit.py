@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tinyfusion_pl.models import DiT, DiT_models, build_dit
+from tinyfusion_pl.models.dit import LabelEmbedder, TimestepEmbedder
 
 # The registry as published (DiT paper Table 1, TinyFusion) and as specified for CPU sizes:
 # name -> (depth, hidden_size, num_heads, patch_size).
@@ -230,8 +231,6 @@ def test_pos_embed_matches_independent_sincos_and_is_a_frozen_parameter():
 
 
 def test_timestep_embedding_follows_cos_then_sin_formula():
-    from tinyfusion_pl.models.dit import TimestepEmbedder
-
     t = torch.tensor([0.0, 1.0, 17.5, 999.0], dtype=torch.float64)
     features = TimestepEmbedder.timestep_embedding(t, 256, dtype=torch.float64)
     torch.testing.assert_close(features, reference_timestep_features(t), rtol=0, atol=1e-12)
@@ -352,8 +351,6 @@ def test_force_drop_ids_use_the_null_row_even_in_eval_mode():
 
 
 def test_label_dropout_in_training_only_and_forced_ids_override_randomness():
-    from tinyfusion_pl.models.dit import LabelEmbedder
-
     embedder = LabelEmbedder(num_classes=10, hidden_size=4, dropout_prob=0.5)
     null_row = embedder.embedding_table.weight[10]
     labels = torch.arange(4000) % 10

@@ -431,6 +431,8 @@ def _registry_dit(name: str, architecture: dict[str, int], overrides: dict[str, 
     return DiT(**{**architecture, **overrides})
 
 
+# Each factory builds one public size; kwargs set the data keywords (input_size, in_channels, num_classes,
+# learn_sigma, class_dropout_prob) and may override depth.
 def DiT_XL_2(**kwargs: Any) -> DiT:
     return _registry_dit("DiT-XL/2", dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2), kwargs)
 
