@@ -6,7 +6,7 @@ import torch
 
 from tinyfusion_pl.models import build_dit
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny ops: a second thread costs more in sync than it gains
 
 
 def tiny_dit(depth: int = 2, **kwargs) -> torch.nn.Module:

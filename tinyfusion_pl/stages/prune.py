@@ -18,6 +18,14 @@ from tinyfusion_pl.io import save_json, save_torch
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.pruning.calibration import calibration_batches, calibration_loss
 from tinyfusion_pl.pruning.export import prune_blocks
+from tinyfusion_pl.pruning.selectors import (
+    bi_score,
+    by_index,
+    oracle,
+    random_blocks,
+    selection_groups,
+    sensitivity,
+)
 from tinyfusion_pl.stages.common import build_trainer, finish_loggers, stage_dir
 from tinyfusion_pl.stages.teacher import build_teacher, resolve_teacher_checkpoint
 
@@ -28,8 +36,9 @@ def learnable_selection(cfg: DictConfig, net: nn.Module, datamodule: L.Lightning
     """TinyFusion: learn the kept blocks with Gumbel gates while a weight update estimates recoverability."""
     pruning = cfg.pruning
     module = DiffusionModule(net, objective=instantiate(cfg.objective), lr=pruning.lr, ema_decay=None)
+    pattern = OmegaConf.to_object(pruning.pattern) if OmegaConf.is_config(pruning.pattern) else pruning.pattern
     mask = DifferentiableBlockMask(
-        blocks=f"net.{BLOCKS}", pattern=OmegaConf.to_object(pruning.pattern) if pruning.pattern else None,
+        blocks=f"net.{BLOCKS}", pattern=pattern,
         keep_ratio=None if pruning.pattern else pruning.keep_ratio,
         group_size=None if pruning.pattern else pruning.group_size,
         scaling=pruning.scaling, tau=tuple(pruning.tau), lr_multiplier=pruning.gate_lr_multiplier,
@@ -44,6 +53,30 @@ def learnable_selection(cfg: DictConfig, net: nn.Module, datamodule: L.Lightning
     return mask.decision()
 
 
+BASELINE_SELECTORS = ("bi_score", "sensitivity", "oracle", "by_index", "random")
+
+
+def baseline_selection(cfg: DictConfig, net: nn.Module, objective: Any, batches: list) -> dict[str, Any]:
+    """A baseline selector of the paper's comparison; the learnable selector's decision fields plus `scores`."""
+    pruning, depth = cfg.pruning, len(getattr(net, BLOCKS))
+    options = OmegaConf.to_container(pruning, resolve=True)
+    if pruning.selector in ("oracle", "by_index"):
+        pattern = None
+        if pruning.selector == "oracle":
+            selection = oracle(depth, options["kept_blocks"])
+        else:
+            selection = by_index(depth, options["kept_blocks"], num_keep=options["num_keep"])
+    else:
+        pattern = options["pattern"]
+        groups = selection_groups(depth, pattern, options["keep_ratio"], options["group_size"])
+        if pruning.selector == "random":
+            selection = random_blocks(depth, groups, seed=cfg.seed)
+        else:
+            score = bi_score if pruning.selector == "bi_score" else sensitivity
+            selection = score(net, objective, batches, groups, blocks=BLOCKS, seed=cfg.seed, progress=pruning.progress)
+    return {"blocks": BLOCKS, "depth": depth, "pattern": pattern, **selection.as_dict()}
+
+
 def run_prune(cfg: DictConfig) -> dict[str, Any]:
     """Select the kept blocks of the teacher, export the shallow model; writes pruned.pt and decision.json."""
     folder = stage_dir(cfg, "prune")
@@ -52,12 +85,17 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
     net = build_teacher(cfg)
     datamodule = instantiate(cfg.data)
     objective = instantiate(cfg.objective)
+    batches = calibration_batches(datamodule, cfg.pruning.calibration_batches, seed=cfg.seed)
     if cfg.pruning.selector == "learnable":
         decision = learnable_selection(cfg, net, datamodule, folder)
+    elif cfg.pruning.selector in BASELINE_SELECTORS:
+        decision = baseline_selection(cfg, net, objective, batches)
     else:
-        raise ValueError(f"pruning.selector='{cfg.pruning.selector}' is not one of ['learnable'].")
+        raise ValueError(
+            f"pruning.selector='{cfg.pruning.selector}' is not one of {['learnable', *BASELINE_SELECTORS]}. "
+            "Pick it with the pruning group, e.g. pruning=bi_score."
+        )
     shallow = prune_blocks(net, blocks=BLOCKS, keep=decision["kept_blocks"])
-    batches = calibration_batches(datamodule, cfg.pruning.calibration_batches, seed=cfg.seed)
     decision.update(
         selector=cfg.pruning.selector,
         teacher=str(teacher_path),
