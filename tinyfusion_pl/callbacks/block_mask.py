@@ -44,6 +44,24 @@ def _check_schedule(name: str, value: object) -> tuple[Schedule | None, str | No
     )
 
 
+# Per-parameter-group lists that torch's schedulers zip strictly against optimizer.param_groups.
+_SCHEDULER_LR_LISTS = ("base_lrs", "max_lrs", "min_lrs")
+_SCHEDULER_OTHER_LISTS = ("lr_lambdas", "base_momentums", "max_momentums")
+
+
+def _extend_scheduler_to_new_group(scheduler: Any, optimizer: torch.optim.Optimizer, lr_multiplier: float) -> None:
+    """Give a scheduler of `optimizer` an entry for the group just appended, modelled on the first group's."""
+    for nested in getattr(scheduler, "_schedulers", ()):  # SequentialLR and ChainedScheduler step their parts
+        _extend_scheduler_to_new_group(nested, optimizer, lr_multiplier)
+    if getattr(scheduler, "optimizer", None) is not optimizer:
+        return
+    groups_before = len(optimizer.param_groups) - 1
+    for name in _SCHEDULER_LR_LISTS + _SCHEDULER_OTHER_LISTS:
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and len(values) == groups_before:
+            values.append(values[0] * lr_multiplier if name in _SCHEDULER_LR_LISTS else values[0])
+
+
 class DifferentiableBlockMask(Callback):
     """Learns, while the user's LightningModule trains, which N of every M consecutive blocks to keep.
 
@@ -266,14 +284,7 @@ class DifferentiableBlockMask(Callback):
         self._previous_choice = gates.chosen_options()
         self._run_steps = self.total_steps or self._estimate_run_steps(trainer)
         self._record_every = self.log_every_n_steps or max(trainer.log_every_n_steps, 1)
-        optimizer = trainer.optimizers[0]
-        base_lr = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
-        gate_group: dict[str, Any] = {"params": list(gates.gate_logits), "lr": self.lr_multiplier * base_lr}
-        gate_group["initial_lr"] = gate_group["lr"]
-        if "weight_decay" in optimizer.defaults:
-            # decay would pull the logits back toward uniform and blur the decision
-            gate_group["weight_decay"] = 0.0
-        optimizer.add_param_group(gate_group)
+        self._add_gate_group(trainer)
         if not self._history:
             self._record(trainer.global_step)
 
@@ -405,6 +416,22 @@ class DifferentiableBlockMask(Callback):
         self._draws += 1
         gates = self._ready_gates()
         return gates.sample_masks(gates.draw_noise(batch_size, generator), self.current_scaling, self.current_tau)
+
+    def _add_gate_group(self, trainer: L.Trainer) -> None:
+        """Add the gate logits as a parameter group of the first optimizer and teach its schedulers about it."""
+        optimizer = trainer.optimizers[0]
+        user_group = optimizer.param_groups[0]
+        # The user's hyperparameters (betas, eps, scheduler keys such as OneCycleLR's max_lr) carry over;
+        # the lr is re-derived from the user's before every step (on_before_optimizer_step).
+        gate_group = {key: value for key, value in user_group.items() if key != "params"}
+        gate_group["params"] = list(self._ready_gates().gate_logits)
+        gate_group["lr"] = self.lr_multiplier * user_group["lr"]
+        gate_group["initial_lr"] = self.lr_multiplier * user_group.get("initial_lr", user_group["lr"])
+        if "weight_decay" in gate_group:
+            gate_group["weight_decay"] = 0.0  # decay would pull the logits back toward uniform
+        optimizer.add_param_group(gate_group)
+        for config in trainer.lr_scheduler_configs:
+            _extend_scheduler_to_new_group(config.scheduler, optimizer, self.lr_multiplier)
 
     def _estimate_run_steps(self, trainer: L.Trainer) -> int:
         steps = trainer.estimated_stepping_batches
