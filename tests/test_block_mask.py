@@ -467,17 +467,24 @@ def test_load_state_dict_tolerates_missing_keys_and_refuses_other_groups():
         mask.load_state_dict({"groups": [[1, 2]]})
 
 
+class SaveDecisionOnEveryRank(Callback):
+    """Each rank writes what its own copy of the mask decided (ddp_spawn: defined at module level to pickle)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module):
+        mask = next(cb for cb in trainer.callbacks if isinstance(cb, DifferentiableBlockMask))
+        mask.save_decision(self.folder / f"rank{trainer.global_rank}.json")
+        torch.save([p.detach() for p in mask.gates.gate_logits], self.folder / f"rank{trainer.global_rank}.pt")
+
+
 @pytest.mark.slow
 def test_ddp_ranks_agree_on_the_decision(tmp_path):
-    class SaveOnEveryRank(Callback):
-        def on_train_end(self, trainer, pl_module):
-            mask.save_decision(tmp_path / f"rank{trainer.global_rank}.json")
-            torch.save([p.detach() for p in mask.gates.gate_logits], tmp_path / f"rank{trainer.global_rank}.pt")
-
     L.seed_everything(0)
     mask = DifferentiableBlockMask("net.blocks", pattern="2:4", log_every_n_steps=5, plot=False)
     trainer = quick_trainer(
-        tmp_path, max_steps=20, strategy="ddp_spawn", devices=2, callbacks=[mask, SaveOnEveryRank()]
+        tmp_path, max_steps=20, strategy="ddp_spawn", devices=2, callbacks=[mask, SaveDecisionOnEveryRank(tmp_path)]
     )
     trainer.fit(PlantedModule(), train_dataloaders=index_loader(40))
     decisions = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
