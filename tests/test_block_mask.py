@@ -269,6 +269,30 @@ def test_setup_refuses_what_does_not_fit_the_model(kwargs, message, tmp_path):
         )
 
 
+class Endless(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        while True:
+            yield torch.zeros(1)
+
+
+def test_a_run_of_unknown_length_asks_for_total_steps(tmp_path):
+    mask = DifferentiableBlockMask("net.blocks", pattern="2:4", plot=False)
+    trainer = quick_trainer(tmp_path, max_steps=-1, max_epochs=1, callbacks=[mask])
+    with pytest.raises(ValueError, match=r"run length is -1 steps.*pass total_steps=\.\.\. to the callback"):
+        trainer.fit(PlantedModule(), train_dataloaders=DataLoader(Endless(), batch_size=1))
+    assert hook_count(trainer.lightning_module) == 0
+
+
+def test_a_module_without_an_optimizer_is_refused(tmp_path):
+    class NoOptimizer(PlantedModule):
+        def configure_optimizers(self):
+            return None
+
+    mask = DifferentiableBlockMask("net.blocks", pattern="2:4", plot=False)
+    with pytest.raises(RuntimeError, match=r"needs an optimizer .* configure_optimizers returned none"):
+        quick_trainer(tmp_path, max_steps=1, callbacks=[mask]).fit(NoOptimizer(), train_dataloaders=index_loader(1))
+
+
 def test_a_failing_fit_still_leaves_no_hooks(tmp_path):
     class FailingModule(PlantedModule):
         def training_step(self, batch, batch_idx):

@@ -72,6 +72,13 @@ class DifferentiableBlockMask(Callback):
     validation metrics measure the pruned model. The decision is, per group, the option with the largest
     exponential moving average of its logit; ``kept_blocks`` holds it at any time.
 
+    The gate logits live in the callback, never in the model: they join the first optimizer that
+    ``configure_optimizers`` returns as an extra parameter group, and teardown removes every hook, so the
+    model's parameters, state-dict keys and ``requires_grad`` flags are never changed. Under DDP the gates
+    are outside the wrapped module, so the callback all-reduces (averages) their gradients before each step;
+    every rank draws its own Gumbel noise (more masks per step), and identical logits, updates and EMA give
+    the same decision on every rank by construction.
+
     Args:
         blocks: dotted path from the LightningModule to the container of blocks (e.g. ``"net.blocks"``).
         pattern: ``"N:M"`` for equal consecutive groups, or a list of ``[N, M]`` groups whose M cover the depth.
@@ -273,11 +280,6 @@ class DifferentiableBlockMask(Callback):
         self._hooks = BlockMaskHooks(list(container), self._mask_for_block, self.hidden_state)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.optimizers:
-            raise RuntimeError(
-                "DifferentiableBlockMask needs an optimizer to train the gate logits, but configure_optimizers "
-                "returned none. Return an optimizer (e.g. AdamW) from configure_optimizers."
-            )
         gates = self._ready_gates()
         gates.to(pl_module.device)
         self._kept_mask = None
@@ -297,16 +299,14 @@ class DifferentiableBlockMask(Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        gates = self._ready_gates()
-        first_gate = gates.gate_logits[0]
-        gate_group = next((g for g in optimizer.param_groups if any(p is first_gate for p in g["params"])), None)
+        gate_group = self._gate_group(optimizer)
         if gate_group is None:
             return
         gate_group["lr"] = self.lr_multiplier * optimizer.param_groups[0]["lr"]
         if trainer.world_size > 1:
             # The gates live outside the DDP-wrapped module, so their gradients are averaged here; with
             # identical initial values and identical updates the logits, EMA and decision agree on every rank.
-            for logits in gates.gate_logits:
+            for logits in self._ready_gates().gate_logits:
                 gradient = logits.grad if logits.grad is not None else torch.zeros_like(logits)
                 logits.grad = trainer.strategy.reduce(gradient, reduce_op="mean")
 
@@ -419,6 +419,12 @@ class DifferentiableBlockMask(Callback):
 
     def _add_gate_group(self, trainer: L.Trainer) -> None:
         """Add the gate logits as a parameter group of the first optimizer and teach its schedulers about it."""
+        # With configure_optimizers returning None, Lightning steps a stand-in optimizer without parameter groups.
+        if not trainer.optimizers or not trainer.optimizers[0].param_groups:
+            raise RuntimeError(
+                "DifferentiableBlockMask needs an optimizer to train the gate logits, but configure_optimizers "
+                "returned none. Return an optimizer (e.g. torch.optim.AdamW) from configure_optimizers."
+            )
         optimizer = trainer.optimizers[0]
         user_group = optimizer.param_groups[0]
         # The user's hyperparameters (betas, eps, scheduler keys such as OneCycleLR's max_lr) carry over;
@@ -432,6 +438,11 @@ class DifferentiableBlockMask(Callback):
         optimizer.add_param_group(gate_group)
         for config in trainer.lr_scheduler_configs:
             _extend_scheduler_to_new_group(config.scheduler, optimizer, self.lr_multiplier)
+
+    def _gate_group(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """The parameter group of `optimizer` that holds the gate logits, if any (found anew: resuming replaces groups)."""
+        first_gate = self._ready_gates().gate_logits[0]
+        return next((g for g in optimizer.param_groups if any(p is first_gate for p in g["params"])), None)
 
     def _estimate_run_steps(self, trainer: L.Trainer) -> int:
         steps = trainer.estimated_stepping_batches
