@@ -170,6 +170,7 @@ class DiffusionModule(L.LightningModule):
         cfg_scale: float = 1.0,
         guidance_channels: int | None = None,
         eta: float = 0.0,
+        clip_denoised: bool = False,
         use_ema: bool = True,
         generator: torch.Generator | None = None,
         progress: bool = False,
@@ -177,6 +178,7 @@ class DiffusionModule(L.LightningModule):
         """Class-conditional samples (N, C, H, W) for `labels`, with classifier-free guidance when cfg_scale > 1.
 
         guidance_channels=None guides every noise channel (the standard form); 3 is DiT's reproduction convention.
+        clip_denoised clips each predicted x0 to [-1, 1]: right for pixels, not for latents (DiT does not clip).
         """
         net = self.sampling_net(use_ema)
         shape = (len(labels), net.in_channels, net.input_size, net.input_size)
@@ -190,7 +192,8 @@ class DiffusionModule(L.LightningModule):
         net.eval()  # a DiT in train mode would drop labels at random
         try:
             return self.objective.sample(model, noise, model_kwargs={"y": labels}, steps=steps, method=method,
-                                         eta=eta, generator=generator, progress=progress)
+                                         eta=eta, clip_denoised=clip_denoised, generator=generator,
+                                         progress=progress)
         finally:
             net.train(was_training)
 

@@ -52,7 +52,7 @@ def sample_grid(module: DiffusionModule, cfg: DictConfig, path: Path, title: str
     labels = torch.arange(num_classes).repeat_interleave(sampling.samples_per_class)
     generator = torch.Generator(module.device).manual_seed(cfg.seed)
     images = module.sample(labels, steps=sampling.steps, method=sampling.method, cfg_scale=sampling.cfg_scale,
-                           generator=generator, progress=sampling.progress)
+                           clip_denoised=sampling.clip_denoised, generator=generator, progress=sampling.progress)
     # one row per sample index, one column per class: each column is a class
     order = torch.arange(len(labels)).view(num_classes, -1).t().reshape(-1)
     save_image_grid(images[order], path, nrow=num_classes, title=title)

@@ -43,6 +43,7 @@ def learnable_selection(cfg: DictConfig, net: nn.Module, datamodule: L.Lightning
         group_size=None if pruning.pattern else pruning.group_size,
         scaling=pruning.scaling, tau=tuple(pruning.tau), lr_multiplier=pruning.gate_lr_multiplier,
         ema_decay=pruning.gate_ema_decay, plot=False,
+        log_every_n_steps=max(1, pruning.max_steps // 100),  # about 100 points on the dynamics figure
     )
     weight_update = CoOptimizedWeightUpdate(method=pruning.weight_update, rank=pruning.rank, alpha=pruning.alpha,
                                             blocks=f"net.{BLOCKS}")
@@ -59,7 +60,7 @@ BASELINE_SELECTORS = ("bi_score", "sensitivity", "oracle", "by_index", "random")
 def baseline_selection(cfg: DictConfig, net: nn.Module, objective: Any, batches: list) -> dict[str, Any]:
     """A baseline selector of the paper's comparison; the learnable selector's decision fields plus `scores`."""
     pruning, depth = cfg.pruning, len(getattr(net, BLOCKS))
-    options = OmegaConf.to_container(pruning, resolve=True)
+    options = OmegaConf.to_container(pruning, resolve=True, throw_on_missing=True)
     if pruning.selector in ("oracle", "by_index"):
         pattern = None
         if pruning.selector == "oracle":
