@@ -280,6 +280,9 @@ class DifferentiableBlockMask(Callback):
         self._hooks = BlockMaskHooks(list(container), self._mask_for_block, self.hidden_state)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning 2.6 order: setup -> callback state restored -> configure_optimizers -> on_fit_start ->
+        # optimizer and scheduler state restored. The gate group added here therefore exists when a resumed
+        # run loads the optimizer state, and the model already sits on its device.
         gates = self._ready_gates()
         gates.to(pl_module.device)
         self._kept_mask = None
