@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tinyfusion_pl.pruning.lora import LoRALinear, inject_lora, remove_lora
+from tinyfusion_pl.pruning.lora import LoRALinear, LowRankAdd, inject_lora, remove_lora
 
 
 class ToyBlock(nn.Module):
@@ -62,6 +62,55 @@ def test_forward_is_base_plus_scaled_low_rank_update_in_float64():
     weight = linear.weight + (3 / 2) * wrapper.lora_b.weight @ wrapper.lora_a.weight
     expected = torch.einsum("ni,oi->no", x, weight) + linear.bias
     torch.testing.assert_close(wrapper(x), expected)
+
+
+def test_low_rank_add_gradients_match_finite_differences():
+    generator = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+    out, x, lora_a, lora_b = leaf(2, 3, 7), leaf(2, 3, 5), leaf(2, 5), leaf(7, 2)
+    assert torch.autograd.gradcheck(lambda *args: LowRankAdd.apply(*args, 1.5), (out, x, lora_a, lora_b))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gradients_equal_those_of_the_composed_formula(dropout):
+    torch.manual_seed(0)
+    wrapper = LoRALinear(nn.Linear(5, 6).double(), rank=3, alpha=4, dropout=dropout)
+    randomize_adapters(wrapper)
+    x = torch.randn(4, 2, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(4, 2, 6, dtype=torch.float64)
+    torch.manual_seed(1)
+    (wrapper(x) * weights).sum().backward()
+
+    # The same maths with plain tensor operations and autograd's own derivatives.
+    x_ref = x.detach().clone().requires_grad_()
+    a_ref = wrapper.lora_a.weight.detach().clone().requires_grad_()
+    b_ref = wrapper.lora_b.weight.detach().clone().requires_grad_()
+    torch.manual_seed(1)
+    dropped = nn.functional.dropout(x_ref, p=dropout, training=True)
+    output = x_ref @ wrapper.base_layer.weight.T + wrapper.base_layer.bias + (4 / 3) * (dropped @ a_ref.T) @ b_ref.T
+    (output * weights).sum().backward()
+
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(wrapper.lora_a.weight.grad, a_ref.grad)
+    torch.testing.assert_close(wrapper.lora_b.weight.grad, b_ref.grad)
+
+
+def test_under_bfloat16_autocast_the_update_follows_the_base_output():
+    torch.manual_seed(0)
+    wrapper = LoRALinear(nn.Linear(16, 8), rank=4)
+    randomize_adapters(wrapper)
+    x = torch.randn(3, 16)
+    expected = wrapper(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = wrapper(x)
+    assert output.dtype == torch.bfloat16
+    # bfloat16 keeps 8 significant bits: errors of a few per mille of the output's scale.
+    torch.testing.assert_close(output.float(), expected, rtol=0, atol=0.02 * expected.abs().max().item())
+    output.float().sum().backward()
+    assert wrapper.lora_a.weight.grad.dtype == wrapper.lora_b.weight.grad.dtype == torch.float32
 
 
 def test_adapters_follow_the_base_weight_dtype_and_device():
