@@ -45,8 +45,10 @@ def test_every_data_config_instantiates(data, tmp_path):
 
 @pytest.mark.parametrize("trainer", group_options("trainer"))
 def test_every_trainer_config_instantiates_on_cpu(trainer, tmp_path):
-    cfg = compose_train([f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=1",
-                         "trainer.precision=32-true"])
+    overrides = [f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true"]
+    if trainer == "fsdp":  # FSDPStrategy needs CUDA; its own test checks the strategy
+        overrides.append("trainer.strategy=auto")
+    cfg = compose_train(overrides)
     built = instantiate(cfg.trainer, default_root_dir=str(tmp_path), logger=False, max_steps=1)
     assert built.max_steps == 1 and built.gradient_clip_val == 1.0
 
@@ -96,3 +98,12 @@ def test_run_stage_rejects_an_unknown_stage():
 
     with pytest.raises(ValueError, match="stage='bogus' is not one of"):
         run_stage(compose_train(["stage=bogus", "paths.run_dir=unused"]))
+
+
+def test_fsdp_config_shards_one_unit_per_dit_block():
+    from tinyfusion_pl.models.dit import DiTBlock
+
+    cfg = compose_train(["trainer=fsdp", "trainer.strategy.activation_checkpointing=true"])
+    strategy = instantiate(cfg.trainer.strategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}
