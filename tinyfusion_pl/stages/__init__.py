@@ -6,10 +6,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from tinyfusion_pl.stages.evaluate import run_evaluate
 from tinyfusion_pl.stages.pretrain import run_pretrain
 from tinyfusion_pl.stages.prune import run_prune
 
-STAGES = {"pretrain": run_pretrain, "prune": run_prune}
+STAGES = {"pretrain": run_pretrain, "prune": run_prune, "evaluate": run_evaluate}
 
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:

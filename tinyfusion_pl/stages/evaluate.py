@@ -1,0 +1,267 @@
+"""stage=evaluate: sample from the teacher and the pruned model, score them (FID, accuracy, speed), save samples."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tinyfusion_pl.data.digits import load_digits_tensors
+from tinyfusion_pl.evaluation.digits_classifier import (
+    DigitsClassifier,
+    conditional_accuracy,
+    load_or_train_digits_classifier,
+)
+from tinyfusion_pl.evaluation.fid import FIDScorer, digits_fid, inception_fid
+from tinyfusion_pl.evaluation.sampling import (
+    Decoder,
+    class_balanced_labels,
+    images_to_uint8,
+    load_npz,
+    sample_images,
+    save_npz,
+    sd_vae_decoder,
+    uint8_to_images,
+)
+from tinyfusion_pl.evaluation.speed import count_blocks, sampling_speed
+from tinyfusion_pl.io import save_json
+from tinyfusion_pl.models import extract_state_dict, infer_dit_config, load_checkpoint_file
+from tinyfusion_pl.module import load_weights
+from tinyfusion_pl.stages.common import save_image_grid, stage_dir
+from tinyfusion_pl.stages.pretrain import is_embedded_default
+from tinyfusion_pl.stages.teacher import resolve_teacher_checkpoint
+
+MODELS = ("teacher", "pruned")
+FID_MODES = ("auto", "digits", "inception", "none")
+DEVICES = ("auto", "cpu", "cuda")
+# Where the run folder's stages leave the pruned model, best first: recovered, then freshly pruned.
+PRUNED_OUTPUTS = ("recover/model.pt", "prune/pruned.pt")
+GRID_COLUMNS = 10
+
+
+# --------------------------------------------------------------------------- which models
+
+
+def selected_models(cfg: DictConfig) -> list[str]:
+    """evaluate.models, checked: a non-empty list drawn from MODELS without repeats."""
+    models = list(cfg.evaluate.models) if OmegaConf.is_list(cfg.evaluate.models) else cfg.evaluate.models
+    if not isinstance(models, list) or not models or any(name not in MODELS for name in models) \
+            or len(set(models)) != len(models):
+        raise ValueError(f"evaluate.models={models} is invalid: expected a non-empty list from {list(MODELS)} "
+                         "without repeats, e.g. evaluate.models=[teacher,pruned].")
+    return models
+
+
+def pruned_checkpoint(cfg: DictConfig) -> Path:
+    """evaluate.pruned_checkpoint when given, else this run's recover/model.pt, else its prune/pruned.pt."""
+    if cfg.evaluate.pruned_checkpoint:
+        path = Path(cfg.evaluate.pruned_checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"evaluate.pruned_checkpoint={path} does not exist. Pass the path of a pruned "
+                                    "or recovered checkpoint (prune/pruned.pt or recover/model.pt of a run).")
+        return path
+    run_dir = Path(cfg.paths.run_dir)
+    for relative in PRUNED_OUTPUTS:
+        if (run_dir / relative).is_file():
+            return run_dir / relative
+    raise FileNotFoundError(
+        f"evaluate.models includes 'pruned' but the run folder {run_dir} holds neither {' nor '.join(PRUNED_OUTPUTS)}. "
+        "Run stage=prune (and stage=recover) with this paths.run_dir first, pass "
+        "evaluate.pruned_checkpoint=/path/to/model.pt, or evaluate only the teacher: evaluate.models=[teacher]."
+    )
+
+
+def load_net(cfg: DictConfig, path: Path, registry_name: str | None = None) -> nn.Module:
+    """The configured model (or registry entry `registry_name`) with the checkpoint's depth, loaded strictly.
+
+    EMA weights are taken where the checkpoint has them.
+    """
+    state_dict = extract_state_dict(load_checkpoint_file(path), prefer="ema")
+    architecture = {"depth": infer_dit_config(state_dict)["depth"]}
+    if registry_name:
+        architecture["name"] = registry_name
+    net = instantiate(cfg.model, **architecture)
+    load_weights(net, state_dict)
+    return net
+
+
+def checkpoints_to_evaluate(cfg: DictConfig) -> dict[str, Path]:
+    """Name -> checkpoint of every model in evaluate.models (the teacher may be pretrained on first use)."""
+    finders = {"teacher": resolve_teacher_checkpoint, "pruned": pruned_checkpoint}
+    return {name: finders[name](cfg) for name in selected_models(cfg)}
+
+
+# --------------------------------------------------------------------------- how to score
+
+
+def evaluation_device(cfg: DictConfig) -> torch.device:
+    choice = cfg.evaluate.device
+    if choice not in DEVICES:
+        raise ValueError(f"evaluate.device={choice!r} is not one of {DEVICES} (auto: cuda when available).")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("evaluate.device=cuda but no CUDA device is available; use evaluate.device=cpu or auto.")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def latent_decoder(cfg: DictConfig, device: torch.device) -> Decoder | None:
+    """The VAE decoder of evaluate.vae for latent data, None for image data such as the digits."""
+    return None if is_embedded_default(cfg) else sd_vae_decoder(cfg.evaluate.vae, device=device)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Fail on a bad evaluate setting before anything slow (loading models, pretraining a teacher) starts."""
+    selected_models(cfg)
+    evaluation_device(cfg)
+    fid_mode(cfg)
+    if not is_embedded_default(cfg) and not cfg.evaluate.vae:
+        raise ValueError(
+            f"data={cfg.data._target_} holds latents: evaluation needs images, so set evaluate.vae to a diffusers "
+            "AutoencoderKL name or local folder (e.g. evaluate.vae=stabilityai/sd-vae-ft-ema; `pip install diffusers`)."
+        )
+
+
+def fid_mode(cfg: DictConfig) -> str:
+    """evaluate.fid resolved: auto is digits on the embedded default, inception with a reference .npz, else none."""
+    mode, reference = cfg.evaluate.fid, cfg.evaluate.reference_npz
+    if mode not in FID_MODES:
+        raise ValueError(f"evaluate.fid={mode!r} is not one of {FID_MODES}.")
+    if mode == "auto":
+        return "digits" if is_embedded_default(cfg) else "inception" if reference else "none"
+    if mode == "digits" and not is_embedded_default(cfg):
+        raise ValueError(f"evaluate.fid=digits needs the digits data, not {cfg.data._target_}; "
+                         "use evaluate.fid=inception with evaluate.reference_npz, or none.")
+    if mode == "inception" and not reference:
+        raise ValueError("evaluate.fid=inception needs real images to compare with: set evaluate.reference_npz to an "
+                         ".npz of uint8 (N, H, W, 3) images under arr_0 (e.g. ADM's VIRTUAL_imagenet256_labeled.npz).")
+    return mode
+
+
+def digits_judge(cfg: DictConfig) -> DigitsClassifier | None:
+    """The cached digits classifier (trained on first use) on the embedded default, None for other data."""
+    if not is_embedded_default(cfg):
+        return None
+    return load_or_train_digits_classifier(cfg.paths.cache_dir, cfg.data.image_size)
+
+
+def fid_scorer(
+    cfg: DictConfig, device: torch.device, classifier: DigitsClassifier | None
+) -> tuple[FIDScorer | None, str | None]:
+    """The FID scorer with its reference statistics, and a line saying what it compares; (None, None) for none.
+
+    The digits reference set is every digit (1797 images), whatever split the models were trained on.
+    """
+    mode = fid_mode(cfg)
+    if mode == "none":
+        return None, None
+    if mode == "digits":
+        reference = images_to_uint8(load_digits_tensors(cfg.data.image_size)[0])
+        scorer = digits_fid(classifier, cfg.data.image_size).to(device)
+        description = f"digits classifier features ({classifier.feature_dim}-d) against all {len(reference)} digits"
+    else:
+        scorer = inception_fid(cfg.evaluate.inception_weights).to(device)
+        reference, _ = load_npz(cfg.evaluate.reference_npz)
+        description = f"Inception-v3 pool features (2048-d) against {len(reference)} images of {cfg.evaluate.reference_npz}"
+    scorer.set_reference(reference)
+    return scorer, description
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def save_sample_grid(images: torch.Tensor, path: Path, num_classes: int, rows: int, title: str) -> None:
+    """The first uint8 samples (labels 0, 1, 2, ... in turn) as `rows` rows of up to 10: with 10 classes, a column each."""
+    columns = min(num_classes, GRID_COLUMNS)
+    save_image_grid(uint8_to_images(images[: rows * columns]), path, nrow=columns, title=title)
+
+
+def evaluate_nets(
+    cfg: DictConfig,
+    nets: Mapping[str, nn.Module],
+    folder: Path,
+    reference: str | None = None,
+) -> dict[str, Any]:
+    """Sample every net with the configured sampler, save its samples (.npz, grid), and score it.
+
+    Per net: blocks, params, gflops, samples_per_s, steps_per_s, speedup and ideal_speedup (against
+    `reference`, default the first net), fid, conditional_accuracy (digits only), and the files written.
+    """
+    check_settings(cfg)
+    settings, sampling = cfg.evaluate, cfg.sampling
+    device = evaluation_device(cfg)
+    decode = latent_decoder(cfg, device)
+    classifier = digits_judge(cfg)
+    scorer, fid_description = fid_scorer(cfg, device, classifier)
+    nets = {name: net.to(device).eval() for name, net in nets.items()}
+    objective = instantiate(cfg.objective)
+    results: dict[str, dict[str, Any]] = {}
+    for name, net in nets.items():
+        labels = class_balanced_labels(settings.num_samples, net.num_classes)
+        samples = sample_images(net, objective, labels, steps=sampling.steps, method=sampling.method,
+                                cfg_scale=sampling.cfg_scale, clip_denoised=sampling.clip_denoised,
+                                batch_size=settings.batch_size, seed=cfg.seed,
+                                decode=decode, progress=sampling.progress, description=f"sampling {name}")
+        images = images_to_uint8(samples)  # (N, H, W, C), the form every score and file uses
+        result: dict[str, Any] = {"fid": None if scorer is None else scorer.score(images)}
+        if classifier is not None:
+            result["conditional_accuracy"] = conditional_accuracy(classifier, uint8_to_images(images), labels)
+        if settings.save_npz:
+            result["samples"] = str(save_npz(folder / f"samples_{name}.npz", images, labels))
+        if sampling.samples_per_class > 0:
+            grid = folder / f"samples_{name}.png"
+            save_sample_grid(images, grid, net.num_classes, rows=sampling.samples_per_class,
+                             title=_grid_title(name, net, result))
+            result["grid"] = str(grid)
+        results[name] = result
+    speed = sampling_speed(nets, objective, batch_size=settings.speed.batch_size, steps=sampling.steps,
+                           method=sampling.method, cfg_scale=sampling.cfg_scale,
+                           clip_denoised=sampling.clip_denoised, repeats=settings.speed.repeats,
+                           warmup=settings.speed.warmup, reference=reference)
+    for name in nets:
+        results[name] = {**speed[name], **results[name]}
+    return {
+        **results,
+        "settings": {
+            "device": str(device), "num_samples": settings.num_samples, "method": sampling.method,
+            "steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "clip_denoised": sampling.clip_denoised,
+            "seed": cfg.seed, "fid": fid_description,
+            "speed_batch_size": settings.speed.batch_size, "speed_repeats": settings.speed.repeats,
+        },
+    }
+
+
+def _grid_title(name: str, net: nn.Module, result: dict[str, Any]) -> str:
+    parts = [name, f"{count_blocks(net)} blocks"]
+    if result.get("fid") is not None:
+        parts.append(f"FID {result['fid']:.2f}")
+    if "conditional_accuracy" in result:
+        parts.append(f"accuracy {result['conditional_accuracy']:.1%}")
+    return ", ".join(parts)
+
+
+def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate the teacher and/or the pruned model; writes evaluate/metrics.json, samples_*.npz and samples_*.png.
+
+    metrics.json holds one entry per model (see evaluate_nets) and, when both are evaluated, the pruned
+    model's speedup and ideal_speedup over the teacher at the top level.
+    """
+    check_settings(cfg)
+    folder = stage_dir(cfg, "evaluate")
+    checkpoints = checkpoints_to_evaluate(cfg)
+    # a teacher from another registry entry (teacher.name, e.g. a D14 teacher) is built as that entry
+    nets = {name: load_net(cfg, path, cfg.teacher.get("name") if name == "teacher" else None)
+            for name, path in checkpoints.items()}
+    metrics = evaluate_nets(cfg, nets, folder, reference="teacher" if "teacher" in nets else None)
+    for name, path in checkpoints.items():
+        metrics[name]["checkpoint"] = str(path)
+    if {"teacher", "pruned"} <= set(nets):
+        metrics["speedup"] = metrics["pruned"]["speedup"]
+        metrics["ideal_speedup"] = metrics["pruned"]["ideal_speedup"]
+    save_json(metrics, folder / "metrics.json")
+    return metrics
