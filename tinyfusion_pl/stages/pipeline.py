@@ -1,0 +1,87 @@
+"""stage=pipeline (the default): teacher -> learnable pruning -> recovery -> evaluation -> report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from tinyfusion_pl.io import save_json, save_text
+from tinyfusion_pl.stages.evaluate import run_evaluate
+from tinyfusion_pl.stages.prune import run_prune
+from tinyfusion_pl.stages.recover import run_recover
+from tinyfusion_pl.stages.teacher import resolve_teacher_checkpoint
+
+REPORTED = ("blocks", "params", "gflops", "samples_per_s", "steps_per_s", "fid", "conditional_accuracy")
+
+
+def summary_metrics(evaluation: dict[str, Any], decision: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json: `teacher` and `pruned` with the reported figures, the speedup, and what was kept."""
+    metrics = {name: {key: evaluation[name].get(key) for key in REPORTED} for name in ("teacher", "pruned")}
+    metrics.update(
+        speedup=evaluation["speedup"],
+        ideal_speedup=evaluation["ideal_speedup"],
+        kept_blocks=decision["kept_blocks"],
+        selector=decision["selector"],
+        calibration_loss=decision["calibration_loss"],
+    )
+    return metrics
+
+
+def _cell(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def report_markdown(cfg: DictConfig, metrics: dict[str, Any], seconds: dict[str, float]) -> str:
+    """The run's report: the comparison table, the sample grids side by side, the decision dynamics."""
+    rows = [("blocks", "d"), ("params", ",d"), ("gflops", ".4f"), ("samples_per_s", ".1f"), ("steps_per_s", ".1f"),
+            ("fid", ".3f"), ("conditional_accuracy", ".1%")]
+    teacher, pruned = metrics["teacher"], metrics["pruned"]
+    lines = [
+        f"# TinyFusion report: {cfg.model.name} on {cfg.data._target_.rsplit('.', 1)[-1]}",
+        "",
+        f"Selector `{metrics['selector']}` kept blocks {metrics['kept_blocks']} of {teacher['blocks']}; "
+        f"calibration loss right after pruning {metrics['calibration_loss']:.4f}.",
+        f"Sampler: {cfg.sampling.method} {cfg.sampling.steps} steps, CFG {cfg.sampling.cfg_scale}.",
+        "",
+        "| | teacher | pruned |",
+        "|---|---|---|",
+        *[f"| {name} | {_cell(teacher[name], spec)} | {_cell(pruned[name], spec)} |" for name, spec in rows],
+        f"| speedup | 1.00x | {metrics['speedup']:.2f}x (ideal {metrics['ideal_speedup']:.2f}x) |",
+        "",
+        "## Samples (one column per class)",
+        "",
+        "| teacher | pruned |",
+        "|---|---|",
+        "| ![teacher](evaluate/samples_teacher.png) | ![pruned](evaluate/samples_pruned.png) |",
+        "",
+        "## Which blocks were kept, over the pruning run",
+        "",
+        "![decision dynamics](prune/decision_dynamics.png)",
+        "",
+        "## Time per stage",
+        "",
+        *[f"- {stage}: {value:.0f} s" for stage, value in seconds.items()],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    """Run every stage on the configured model and data; write report.md and metrics.json in the run folder."""
+    run_dir = Path(cfg.paths.run_dir)
+    seconds: dict[str, float] = {}
+    for stage, run in (("teacher", resolve_teacher_checkpoint), ("prune", run_prune), ("recover", run_recover),
+                       ("evaluate", run_evaluate)):
+        start = time.perf_counter()
+        result = run(cfg)
+        seconds[stage] = time.perf_counter() - start
+    decision = json.loads((run_dir / "prune" / "decision.json").read_text())
+    metrics = summary_metrics(result, decision)
+    save_json(metrics, run_dir / "metrics.json")
+    save_text(report_markdown(cfg, metrics, seconds), run_dir / "report.md")
+    print(f"Report: {run_dir / 'report.md'}")
+    return metrics
