@@ -43,3 +43,30 @@ def describe_offline_runs(loggers: list[Logger], folder: Path) -> Path | None:
     path = save_text(text + "\n".join(lines) + "\n", folder / "WANDB.md")
     print(f"W&B offline run(s): see {path}")
     return path
+
+
+def wandb_loggers(loggers: list[Logger]) -> list[WandbLogger]:
+    return [logger for logger in loggers if isinstance(logger, WandbLogger)]
+
+
+def log_images(loggers: list[Logger], images: dict[str, Path]) -> None:
+    """Log PNG files as images to every logger that takes images (W&B); others keep them as files."""
+    for logger in wandb_loggers(loggers):
+        for key, path in images.items():
+            logger.log_image(key=key, images=[str(path)])
+
+
+def log_table(loggers: list[Logger], key: str, columns: list[str], rows: list[list[Any]]) -> None:
+    """Log a table to every logger that takes tables (W&B: a wandb.Table)."""
+    for logger in wandb_loggers(loggers):
+        logger.log_table(key=key, columns=columns, data=rows)
+
+
+def log_artifact(loggers: list[Logger], name: str, path: Path, kind: str = "model") -> None:
+    """Attach a file as a versioned artifact to every W&B run."""
+    import wandb
+
+    for logger in wandb_loggers(loggers):
+        artifact = wandb.Artifact(name=name, type=kind)
+        artifact.add_file(str(path))
+        logger.experiment.log_artifact(artifact)

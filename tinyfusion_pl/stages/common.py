@@ -13,7 +13,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl.io import write_atomically
-from tinyfusion_pl.loggers import describe_offline_runs
+from lightning.pytorch.loggers import Logger
+
+from tinyfusion_pl.loggers import describe_offline_runs, wandb_loggers
 
 
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
@@ -23,10 +25,16 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
     return path
 
 
+def build_loggers(cfg: DictConfig, stage: str) -> list[Logger]:
+    """The `logger` group's loggers for one stage, writing into its folder."""
+    root = stage_dir(cfg, stage)
+    return [instantiate(node, save_dir=str(root)) for node in (cfg.logger or {}).values()]
+
+
 def build_trainer(cfg: DictConfig, stage: str, max_steps: int, callbacks: list | None = None, **overrides: Any) -> L.Trainer:
     """A Trainer from the `trainer` group, with this stage's steps, logger and callbacks, writing into its folder."""
     root = stage_dir(cfg, stage)
-    loggers = [instantiate(node, save_dir=str(root)) for node in (cfg.logger or {}).values()]
+    loggers = build_loggers(cfg, stage)
     extra_callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values()]
     return instantiate(
         cfg.trainer,
@@ -39,10 +47,13 @@ def build_trainer(cfg: DictConfig, stage: str, max_steps: int, callbacks: list |
 
 
 def finish_loggers(trainer: L.Trainer, stage_folder: Path) -> None:
-    """Close the stage's loggers and say where offline W&B runs are and how to sync them."""
-    for logger in trainer.loggers:
+    """Close the stage's loggers (each stage is its own W&B run) and say where offline W&B runs are."""
+    loggers = trainer.loggers
+    for logger in loggers:
         logger.finalize("success")
-    describe_offline_runs(trainer.loggers, stage_folder)
+    describe_offline_runs(loggers, stage_folder)
+    for logger in wandb_loggers(loggers):
+        logger.experiment.finish()
 
 
 def config_fingerprint(*nodes: DictConfig | dict | Any) -> str:

@@ -10,6 +10,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tinyfusion_pl.io import save_json, save_text
+from tinyfusion_pl.loggers import log_artifact, log_images, log_table
+from tinyfusion_pl.stages.common import build_loggers, finish_loggers, stage_dir
 from tinyfusion_pl.stages.evaluate import run_evaluate
 from tinyfusion_pl.stages.prune import run_prune
 from tinyfusion_pl.stages.recover import run_recover
@@ -83,5 +85,23 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     metrics = summary_metrics(result, decision)
     save_json(metrics, run_dir / "metrics.json")
     save_text(report_markdown(cfg, metrics, seconds), run_dir / "report.md")
+    log_report(cfg, metrics, run_dir)
     print(f"Report: {run_dir / 'report.md'}")
     return metrics
+
+
+def log_report(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> None:
+    """Send the report to the configured loggers as its own run: table, images, and the pruned checkpoints."""
+    loggers = build_loggers(cfg, "report")
+    if not loggers:
+        return
+    columns = ["model", *REPORTED, "speedup"]
+    rows = [[name, *[metrics[name][key] for key in REPORTED], 1.0 if name == "teacher" else metrics["speedup"]]
+            for name in ("teacher", "pruned")]
+    log_table(loggers, "report/table", columns, rows)
+    log_images(loggers, {"report/samples_teacher": run_dir / "evaluate" / "samples_teacher.png",
+                         "report/samples_pruned": run_dir / "evaluate" / "samples_pruned.png",
+                         "report/decision_dynamics": run_dir / "prune" / "decision_dynamics.png"})
+    log_artifact(loggers, "pruned", run_dir / "prune" / "pruned.pt")
+    log_artifact(loggers, "recovered", run_dir / "recover" / "model.pt")
+    finish_loggers(loggers, stage_dir(cfg, "report"))

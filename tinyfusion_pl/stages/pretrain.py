@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl.io import save_json, save_torch
+from tinyfusion_pl.loggers import log_images
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.stages.common import (
     build_trainer,
@@ -67,7 +68,6 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg, cfg.pretrain)
     trainer = build_trainer(cfg, "pretrain", max_steps=cfg.pretrain.max_steps)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.pretrain.resume_from)
-    finish_loggers(trainer, folder)
     payload = checkpoint_payload(module, cfg)
     checkpoint = save_torch(payload, folder / "model.pt")
     save_torch(payload, cached_teacher_path(cfg))  # later stages and runs reuse it instead of retraining
@@ -75,7 +75,9 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
     if cfg.sampling.samples_per_class > 0:
         images, labels = sample_grid(module, cfg, folder / "samples.png", title=f"{cfg.model.name}, pretrained")
         metrics.update(evaluate_digits_samples(cfg, images, labels))
+        log_images(trainer.loggers, {"pretrain/samples": folder / "samples.png"})
     save_json(metrics, folder / "metrics.json")
+    finish_loggers(trainer, folder)
     return metrics
 
 

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from tinyfusion_pl.callbacks.block_mask import DifferentiableBlockMask
 from tinyfusion_pl.callbacks.weight_update import CoOptimizedWeightUpdate
 from tinyfusion_pl.io import save_json, save_torch
+from tinyfusion_pl.loggers import log_images
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.pruning.calibration import calibration_batches, calibration_loss
 from tinyfusion_pl.pruning.export import prune_blocks
@@ -49,8 +50,8 @@ def learnable_selection(cfg: DictConfig, net: nn.Module, datamodule: L.Lightning
                                             blocks=f"net.{BLOCKS}")
     trainer = build_trainer(cfg, "prune", max_steps=pruning.max_steps, callbacks=[mask, weight_update])
     trainer.fit(module, datamodule=datamodule)
+    log_images(trainer.loggers, {"prune/decision_dynamics": mask.plot_dynamics(folder / "decision_dynamics.png")})
     finish_loggers(trainer, folder)
-    mask.plot_dynamics(folder / "decision_dynamics.png")
     return mask.decision()
 
 
