@@ -10,11 +10,10 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl.io import write_atomically
-from lightning.pytorch.loggers import Logger
-
 from tinyfusion_pl.loggers import describe_offline_runs, wandb_loggers
 
 
