@@ -1,0 +1,143 @@
+"""Distillation losses of recovery fine-tuning: masked representation loss, its beta schedule, layer pairing.
+
+The output KD itself (eps MSE and the learned-variance KL) lives with the objective
+(GaussianDiffusion.distillation_terms); this file holds what is specific to hidden states.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+Pair = tuple[int, int]  # (student block, teacher block) whose output hidden states are matched
+
+PAIRINGS = ("decision", "reference")
+
+
+def within_k_sigma(hidden: torch.Tensor, k: float) -> torch.Tensor:
+    """Bool mask of the positions with |h - mu| < k * sigma, mu and sigma per sample over all other dims.
+
+    sigma is the population standard deviation. Massive activations (a few channels with huge values)
+    fall outside the mask; a constant sample keeps nothing (sigma = 0).
+    """
+    values = hidden.detach().float()
+    dims = tuple(range(1, values.ndim))
+    mean = values.mean(dim=dims, keepdim=True)  # (N, 1, 1)
+    std = values.std(dim=dims, keepdim=True, unbiased=False)  # (N, 1, 1)
+    return (values - mean).abs() < k * std  # (N, T, D)
+
+
+def masked_feature_mse(student: torch.Tensor, teacher: torch.Tensor, k: float | None = 2.0) -> torch.Tensor:
+    """Per-sample (N,) MSE between hidden states over the positions within k sigma in BOTH of them.
+
+    k=None compares every position (plain representation KD, which diverges on DiTs). A sample with no
+    position kept contributes 0. The teacher side carries no gradient.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student hidden state {tuple(student.shape)} and teacher hidden state {tuple(teacher.shape)} differ; "
+            "paired blocks must have the same width and token count."
+        )
+    if k is not None and not k > 0:
+        raise ValueError(f"k={k!r} must be > 0 (the paper uses 2), or None to keep every position.")
+    squared = (student.float() - teacher.detach().float()) ** 2  # (N, T, D)
+    dims = tuple(range(1, squared.ndim))
+    if k is None:
+        return squared.mean(dim=dims)
+    keep = (within_k_sigma(student, k) & within_k_sigma(teacher, k)).to(squared.dtype)  # (N, T, D)
+    return (squared * keep).sum(dim=dims) / keep.sum(dim=dims).clamp(min=1.0)
+
+
+def beta_schedule(step: int, total_steps: int, start: float = 1e-2, end: float = 0.0) -> float:
+    """The weight of the representation loss: linear from `start` at step 0 to `end` at `total_steps`, then `end`."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps={total_steps} must be >= 1.")
+    progress = min(max(step, 0) / total_steps, 1.0)
+    return start + (end - start) * progress
+
+
+# ---------------------------------------------------------------------------------------- layer pairing
+
+
+def decision_pairing(kept_blocks: Sequence[int], teacher_depth: int) -> list[Pair]:
+    """Pair every student block with the teacher's hidden state at the same depth of computation.
+
+    Student block i was teacher block k_i; its output is matched with the teacher's hidden state just
+    before the next kept block k_{i+1} (the output of teacher block k_{i+1} - 1), and the last student
+    block with the output of the teacher's last block.
+    """
+    kept = sorted(int(block) for block in kept_blocks)
+    if not kept or kept[0] < 0 or kept[-1] >= teacher_depth or len(set(kept)) != len(kept):
+        raise ValueError(
+            f"kept_blocks={list(kept_blocks)} does not describe a pruning of a teacher with {teacher_depth} blocks "
+            f"(student depth {len(kept)}, teacher depth {teacher_depth}): the decision must list distinct "
+            f"blocks from 0 to {teacher_depth - 1}. Use the teacher the model was pruned from, or "
+            "pairing=reference / an explicit list of [student, teacher] pairs."
+        )
+    following = kept[1:] + [teacher_depth]
+    return [(student, next_kept - 1) for student, next_kept in enumerate(following)]
+
+
+def reference_pairing(student_depth: int, teacher_depth: int) -> list[Pair]:
+    """The reference code's fixed pairing: student block i with teacher block 2i + 1."""
+    return check_pairs([(block, 2 * block + 1) for block in range(student_depth)], student_depth, teacher_depth,
+                       name="pairing='reference'")
+
+
+def check_pairs(pairs: Any, student_depth: int, teacher_depth: int, name: str = "pairing") -> list[Pair]:
+    """`pairs` as a list of (student, teacher) block pairs after checking that both indices exist."""
+    depths = f"(student depth {student_depth}, teacher depth {teacher_depth})"
+    try:
+        checked = [(operator.index(student), operator.index(teacher)) for student, teacher in pairs]
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{name}={pairs!r} is not a list of [student_block, teacher_block] integer pairs {depths}."
+        ) from error
+    if not checked:
+        raise ValueError(f"{name}=[] pairs no blocks {depths}; give at least one [student, teacher] pair.")
+    misfits = [pair for pair in checked if not (0 <= pair[0] < student_depth and 0 <= pair[1] < teacher_depth)]
+    if misfits:
+        raise ValueError(
+            f"{name} pairs {misfits[:4]} do not fit the two models {depths}: student blocks must lie in "
+            f"0..{student_depth - 1} and teacher blocks in 0..{teacher_depth - 1}. Use pairing=decision, "
+            "or a teacher deep enough for the pairing."
+        )
+    return checked
+
+
+def layer_pairing(
+    pairing: str | Sequence[Sequence[int]],
+    student_depth: int,
+    teacher_depth: int,
+    kept_blocks: Sequence[int] | None = None,
+    pruned_depth: int | None = None,
+) -> list[Pair]:
+    """Resolve a pairing option: 'decision' (from the kept blocks), 'reference' (2i + 1) or explicit pairs.
+
+    pruned_depth, the depth of the model the decision was made on, lets 'decision' refuse another teacher.
+    """
+    if isinstance(pairing, str):
+        if pairing == "reference":
+            return reference_pairing(student_depth, teacher_depth)
+        if pairing != "decision":
+            raise ValueError(
+                f"pairing={pairing!r} is not one of {PAIRINGS} nor a list of [student, teacher] pairs."
+            )
+        if kept_blocks is None:
+            raise ValueError("pairing='decision' needs the kept_blocks of the pruning decision (decision.json).")
+        if len(kept_blocks) != student_depth:
+            raise ValueError(
+                f"pairing='decision': the decision keeps {len(kept_blocks)} blocks but the student has "
+                f"{student_depth} (teacher depth {teacher_depth}). Use the decision the student was pruned with."
+            )
+        if pruned_depth is not None and pruned_depth != teacher_depth:
+            raise ValueError(
+                f"pairing='decision' maps blocks of the {pruned_depth}-block model that was pruned, but the teacher "
+                f"has {teacher_depth} blocks (student depth {student_depth}). Use pairing=reference or an explicit "
+                "list of [student, teacher] pairs for a teacher of another depth."
+            )
+        return decision_pairing(kept_blocks, teacher_depth)
+    return check_pairs(pairing, student_depth, teacher_depth)

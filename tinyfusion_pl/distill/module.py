@@ -1,0 +1,204 @@
+"""DistillationModule: recovery fine-tuning of a pruned student from a frozen teacher (KD and masked KD)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from tinyfusion_pl.distill.losses import Pair, beta_schedule, check_pairs, masked_feature_mse
+from tinyfusion_pl.module import DiffusionModule
+from tinyfusion_pl.objectives import DiffusionObjective
+from tinyfusion_pl.pruning.block_hooks import split_hidden_output
+from tinyfusion_pl.pruning.containers import resolve_block_container
+
+# What the module asks of its objective beyond DiffusionObjective: GaussianDiffusion provides all of them.
+_OBJECTIVE_METHODS = ("q_sample", "model_timesteps", "loss_terms", "distillation_terms")
+
+
+class FrozenTeacher:
+    """A teacher net that never trains: eval mode, no gradients, and not a submodule of anything.
+
+    Not being an nn.Module keeps it out of the LightningModule's parameters (no optimizer state), out of
+    its checkpoints, and out of `train()` calls that would switch it back to training mode.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net.eval().requires_grad_(False)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FrozenTeacher:
+        self.net.to(device=device, dtype=dtype)
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self.net(*args, **kwargs)
+
+
+class FeatureCapture:
+    """A context manager whose forward hooks record the output hidden states of some blocks; removed on exit."""
+
+    def __init__(self, blocks: Sequence[nn.Module], indices: Sequence[int]) -> None:
+        self.blocks = blocks
+        self.indices = sorted(set(indices))
+        self.features: dict[int, torch.Tensor] = {}
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> dict[int, torch.Tensor]:
+        self.features = {}
+        self.handles = [self.blocks[index].register_forward_hook(self._recorder(index)) for index in self.indices]
+        return self.features
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: TracebackType | None) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _recorder(self, index: int) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            self.features[index] = split_hidden_output(output)[0]  # (N, T, D)
+
+        return record
+
+
+class DistillationModule(DiffusionModule):
+    """Fine-tunes a student with loss = kd_weight * KD + gt_weight * GT (+ beta * masked FEAT) from a frozen teacher.
+
+    Both nets see the same noisy input, timestep and classifier-free-guidance label drops (drawn once
+    and passed to both as force_drop_ids). KD is the objective's output distillation (eps MSE plus the
+    learned-variance KL); FEAT is the masked representation loss over `feature_pairs` of
+    (student block, teacher block), with beta decaying linearly from feature_weight[0] to feature_weight[1]
+    over the run. Other keyword arguments go to DiffusionModule (lr, lr_schedule, ema_decay, ...).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        teacher: nn.Module,
+        objective: DiffusionObjective | None = None,
+        kd_weight: float = 0.9,
+        gt_weight: float = 0.1,
+        feature_pairs: Sequence[Sequence[int]] | None = None,
+        feature_weight: Sequence[float] = (1e-2, 0.0),
+        sigma_k: float | None = 2.0,
+        blocks: str = "blocks",
+        skip_nonfinite_steps: bool = True,
+        **module_kwargs: Any,
+    ) -> None:
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher is a {type(teacher).__name__}; pass the teacher network (an nn.Module).")
+        # Rebound before DiffusionModule saves the init arguments: a FrozenTeacher is never taken for a submodule.
+        teacher = FrozenTeacher(teacher)
+        super().__init__(net, objective=objective, skip_nonfinite_steps=skip_nonfinite_steps, **module_kwargs)
+        self.save_hyperparameters(ignore=["net", "objective", "teacher"])
+        self._check_arguments(kd_weight, gt_weight, feature_weight, sigma_k)
+        self.teacher = teacher
+        # Resolved on use, not stored: a stored ModuleList would become a submodule and duplicate the weights.
+        self.blocks_path = blocks
+        self.feature_pairs: list[Pair] = []
+        if feature_pairs is not None:
+            student_depth = len(resolve_block_container(self.net, blocks))
+            teacher_depth = len(resolve_block_container(teacher.net, blocks))
+            self.feature_pairs = check_pairs(feature_pairs, student_depth, teacher_depth, name="feature_pairs")
+        self.label_dropout = float(getattr(getattr(net, "y_embedder", None), "dropout_prob", 0.0))
+        self._total_steps = 1
+
+    def _check_arguments(
+        self, kd_weight: float, gt_weight: float, feature_weight: Sequence[float], sigma_k: float | None
+    ) -> None:
+        problems = []
+        missing = [name for name in _OBJECTIVE_METHODS if not callable(getattr(self.objective, name, None))]
+        if missing:
+            problems.append(
+                f"objective {type(self.objective).__name__} lacks {', '.join(missing)}; distillation needs an "
+                "objective with a shared noisy input and an output KD (GaussianDiffusion)"
+            )
+        for name, value in (("kd_weight", kd_weight), ("gt_weight", gt_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                problems.append(f"{name}={value!r} must be a number >= 0")
+        if not problems and kd_weight == 0 and gt_weight == 0:
+            problems.append("kd_weight=0 and gt_weight=0 leave nothing to train on; the paper uses 0.9 and 0.1")
+        if (
+            isinstance(feature_weight, (str, bytes))
+            or not isinstance(feature_weight, Sequence)
+            or len(feature_weight) != 2
+            or not all(isinstance(value, (int, float)) and value >= 0 for value in feature_weight)
+        ):
+            problems.append(
+                f"feature_weight={feature_weight!r} must be [start, end], two numbers >= 0 (the paper: [1e-2, 0.0])"
+            )
+        if sigma_k is not None and (isinstance(sigma_k, bool) or not isinstance(sigma_k, (int, float)) or sigma_k <= 0):
+            problems.append(f"sigma_k={sigma_k!r} must be > 0 (the paper uses 2), or None for unmasked FEAT")
+        if problems:
+            raise ValueError("invalid DistillationModule arguments: " + "; ".join(problems) + ".")
+
+    # ------------------------------------------------------------------ losses
+    def label_drops(self, cond: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, Any]:
+        """`cond` plus force_drop_ids drawn once, so student and teacher drop exactly the same labels."""
+        if "y" not in cond or self.label_dropout <= 0:
+            return cond
+        labels = cond["y"]
+        draws = torch.rand(labels.shape, device=labels.device, generator=generator)
+        return {**cond, "force_drop_ids": (draws < self.label_dropout).long()}
+
+    def distillation_losses(
+        self, batch: Any, feature_weight: float = 0.0, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample (N,) terms on one batch; "loss" = kd_weight * kd + gt_weight * gt + feature_weight * feat."""
+        x, cond = self.split_batch(batch)
+        t = self.objective.sample_timesteps(x.shape[0], x.device, generator=generator)
+        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        x_t = self.objective.q_sample(x, t, noise)  # (N, C, H, W)
+        model_t = self.objective.model_timesteps(t)
+        cond = self.label_drops(cond, generator)
+        student_indices = [student for student, _ in self.feature_pairs]
+        teacher_indices = [teacher for _, teacher in self.feature_pairs]
+        student_blocks = resolve_block_container(self.net, self.blocks_path)
+        teacher_blocks = resolve_block_container(self.teacher.net, self.blocks_path)
+        with FeatureCapture(student_blocks, student_indices) as student_features, \
+                FeatureCapture(teacher_blocks, teacher_indices) as teacher_features:
+            student_output = self.net(x_t, model_t, **cond)  # (N, C_out, H, W)
+            teacher_output = self.teacher(x_t, model_t, **cond)  # (N, C_out, H, W)
+        ground_truth = self.objective.loss_terms(student_output, x, x_t, t, noise)
+        distilled = self.objective.distillation_terms(student_output, teacher_output, x_t, t)
+        terms = {
+            "gt": ground_truth["loss"], "mse": ground_truth["mse"], "vb": ground_truth["vb"],
+            "kd": distilled["kd_mse"] + distilled["kd_vb"], "kd_mse": distilled["kd_mse"], "kd_vb": distilled["kd_vb"],
+        }
+        loss = self.hparams.kd_weight * terms["kd"] + self.hparams.gt_weight * terms["gt"]
+        if self.feature_pairs:
+            per_pair = [masked_feature_mse(student_features[student], teacher_features[teacher], self.hparams.sigma_k)
+                        for student, teacher in self.feature_pairs]
+            terms["feat"] = torch.stack(per_pair).mean(dim=0)  # (N,)
+            loss = loss + feature_weight * terms["feat"]
+        terms["loss"] = loss
+        return terms
+
+    def current_feature_weight(self) -> float:
+        """beta at this step: linear from feature_weight[0] to feature_weight[1] over the run."""
+        start, end = self.hparams.feature_weight
+        return beta_schedule(self.global_step, self._total_steps, start, end)
+
+    # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # The teacher is no submodule, so Lightning does not move it: follow the student's device and precision.
+        self.teacher.to(self.device, dtype=next(self.net.parameters()).dtype)
+
+    def on_train_start(self) -> None:
+        self._total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        feature_weight = self.current_feature_weight()
+        terms = self.distillation_losses(batch, feature_weight)
+        loss = terms["loss"].mean()
+        self.log_terms("train", terms, batch_size=len(terms["loss"]))
+        if self.feature_pairs:
+            self.log("train/beta", feature_weight)
+        self.log_throughput(len(terms["loss"]))
+        if self.hparams.skip_nonfinite_steps and not torch.isfinite(loss):
+            return self.skip_step()
+        return loss

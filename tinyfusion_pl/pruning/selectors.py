@@ -1,0 +1,277 @@
+"""Baseline block selectors the paper compares against: block influence, sensitivity, oracle, by index, random.
+
+Every selector returns a Selection: the kept blocks and one score per block, where a higher score means
+more worth keeping, so every selector keeps the N highest-scoring blocks of each group. Plain torch.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tinyfusion_pl.objectives import DiffusionObjective
+from tinyfusion_pl.pruning.block_hooks import BlockMaskHooks, HiddenStateArgument, split_hidden_output
+from tinyfusion_pl.pruning.calibration import Batch, calibration_loss, stratified_timesteps
+from tinyfusion_pl.pruning.containers import resolve_block_container
+from tinyfusion_pl.pruning.patterns import BlockPattern, Group, group_starts
+
+# Shifts the stratified timesteps from batch to batch, so several batches cover more distinct noise levels.
+_TIMESTEP_OFFSET_PER_BATCH = 7
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The blocks a selector keeps, its score per block (higher = more worth keeping) and the groups it chose in."""
+
+    kept_blocks: list[int]
+    scores: list[float]
+    groups: list[Group]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The decision fields the learnable selector also writes, plus `scores`, JSON-able."""
+        group_kept_blocks = [
+            [block for block in self.kept_blocks if start <= block < start + size]
+            for (_, size), start in zip(self.groups, group_starts(self.groups), strict=True)
+        ]
+        return {
+            "groups": [list(group) for group in self.groups],
+            "kept_blocks": list(self.kept_blocks),
+            "group_kept_blocks": group_kept_blocks,
+            "scores": list(self.scores),
+        }
+
+
+# ---------------------------------------------------------------------------------------- groups
+
+
+def selection_groups(
+    depth: int,
+    pattern: str | Sequence[Sequence[int]] | None = None,
+    keep_ratio: float | None = None,
+    group_size: int | None = None,
+) -> list[Group]:
+    """The groups a baseline keeps its N highest blocks in: an N:M pattern, or one group of all blocks.
+
+    keep_ratio alone (no group_size) ranks all blocks together, as ShortGPT and sensitivity analysis do.
+    """
+    if pattern is not None or group_size is not None:
+        return BlockPattern.parse(pattern, keep_ratio, group_size).groups_for_depth(depth)
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+        raise ValueError(
+            f"keep_ratio={keep_ratio!r} must be a number in (0, 1], the fraction of the {depth} blocks kept "
+            "(e.g. 0.5 keeps half the depth), or give pattern='N:M'."
+        )
+    keep = round(keep_ratio * depth)
+    if keep < 1 or not math.isclose(keep / depth, keep_ratio, abs_tol=1e-4):
+        realisable = ", ".join(f"{count / depth:.4g}" for count in range(1, depth + 1))
+        raise ValueError(
+            f"keep_ratio={keep_ratio!r} of {depth} blocks is {keep_ratio * depth:.4g} blocks, not a whole number. "
+            f"Realisable keep ratios on {depth} blocks: {realisable}."
+        )
+    return [(keep, depth)]
+
+
+def keep_highest(scores: torch.Tensor, groups: Sequence[Group]) -> list[int]:
+    """The N highest-scoring blocks of every (N, M) group, sorted; ties keep the earlier block."""
+    depth = sum(size for _, size in groups)
+    if scores.shape != (depth,):
+        raise ValueError(f"scores has shape {tuple(scores.shape)} but the groups {list(groups)} cover {depth} blocks.")
+    kept = []
+    for (keep, size), start in zip(groups, group_starts(groups), strict=True):
+        order = torch.sort(scores[start:start + size], descending=True, stable=True).indices
+        kept.extend(start + int(index) for index in order[:keep])
+    return sorted(kept)
+
+
+# ---------------------------------------------------------------------------------------- scores
+
+
+@torch.inference_mode()
+def block_influence(
+    net: nn.Module,
+    objective: DiffusionObjective,
+    batches: Sequence[Batch],
+    blocks: str = "blocks",
+    hidden_state: int | str = 0,
+    seed: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """ShortGPT's block influence, (L,) float64: 1 - mean cosine similarity of each block's input and output tokens.
+
+    The net sees the calibration batches noised at timesteps spread over the whole process.
+    """
+    container = resolve_block_container(net, blocks)
+    arguments = [HiddenStateArgument(block, hidden_state) for block in container]
+    similarity_sums = torch.zeros(len(container), dtype=torch.float64)
+    token_counts = torch.zeros(len(container), dtype=torch.float64)
+
+    def recorder(index: int) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            hidden_in = arguments[index].find(args, kwargs)
+            hidden_out, _ = split_hidden_output(output)
+            cosine = F.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)  # (N, T)
+            similarity_sums[index] += cosine.double().sum().cpu()
+            token_counts[index] += cosine.numel()
+
+        return record
+
+    handles = [block.register_forward_hook(recorder(index), with_kwargs=True) for index, block in enumerate(container)]
+    try:
+        run_calibration_forwards(net, objective, batches, seed, progress, description="block influence")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return 1.0 - similarity_sums / token_counts
+
+
+@torch.inference_mode()
+def removal_costs(
+    net: nn.Module,
+    objective: DiffusionObjective,
+    batches: Sequence[Batch],
+    blocks: str = "blocks",
+    hidden_state: int | str = 0,
+    seed: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sensitivity, (L,) float64: how much the calibration loss rises when each block alone is skipped.
+
+    Every variant sees the same batches, timesteps and noise, so the differences are not sampling noise.
+    """
+    container = resolve_block_container(net, blocks)
+    full_loss = calibration_loss(net, objective, list(batches), seed=seed)
+    costs = torch.zeros(len(container), dtype=torch.float64)
+    for skipped in tqdm(range(len(container)), desc="sensitivity", disable=not progress, leave=False):
+        hooks = BlockMaskHooks(list(container), _skip_only(skipped), hidden_state=hidden_state)
+        try:
+            costs[skipped] = calibration_loss(net, objective, list(batches), seed=seed) - full_loss
+        finally:
+            hooks.remove()
+    return costs
+
+
+def _skip_only(skipped: int) -> Callable[[int, torch.Tensor, nn.Module], bool]:
+    return lambda index, hidden, block: index != skipped
+
+
+def run_calibration_forwards(
+    net: nn.Module, objective: DiffusionObjective, batches: Sequence[Batch], seed: int, progress: bool, description: str
+) -> None:
+    """Run `net` in eval mode on every calibration batch, noised at stratified timesteps with seeded noise."""
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        for index, (x, cond) in enumerate(tqdm(batches, desc=description, disable=not progress, leave=False)):
+            noise = torch.randn(x.shape, generator=generator).to(device)
+            t = stratified_timesteps(len(x), objective.num_timesteps, index * _TIMESTEP_OFFSET_PER_BATCH, device)
+            objective.training_losses(net, x.to(device), t, noise=noise,
+                                      model_kwargs={name: value.to(device) for name, value in cond.items()})
+    finally:
+        net.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------- selectors
+
+
+def bi_score(
+    net: nn.Module,
+    objective: DiffusionObjective,
+    batches: Sequence[Batch],
+    groups: Sequence[Group],
+    blocks: str = "blocks",
+    seed: int = 0,
+    progress: bool = False,
+) -> Selection:
+    """ShortGPT: keep the blocks with the highest block influence, i.e. drop those closest to the identity."""
+    scores = block_influence(net, objective, batches, blocks=blocks, seed=seed, progress=progress)
+    return Selection(keep_highest(scores, groups), scores.tolist(), list(groups))
+
+
+def sensitivity(
+    net: nn.Module,
+    objective: DiffusionObjective,
+    batches: Sequence[Batch],
+    groups: Sequence[Group],
+    blocks: str = "blocks",
+    seed: int = 0,
+    progress: bool = False,
+) -> Selection:
+    """Sensitivity analysis: keep the blocks whose removal raises the calibration loss most, drop the cheapest."""
+    scores = removal_costs(net, objective, batches, blocks=blocks, seed=seed, progress=progress)
+    return Selection(keep_highest(scores, groups), scores.tolist(), list(groups))
+
+
+def random_blocks(depth: int, groups: Sequence[Group], seed: int) -> Selection:
+    """N of every M blocks uniformly at random, reproducible from `seed`; the scores are the random draws."""
+    covered = sum(size for _, size in groups)
+    if covered != depth:
+        raise ValueError(f"groups={list(groups)} cover {covered} blocks but the model has depth={depth}.")
+    # The top N of i.i.d. continuous draws is a uniformly random N-subset of each group.
+    scores = torch.rand(depth, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return Selection(keep_highest(scores, groups), scores.tolist(), list(groups))
+
+
+def by_index(depth: int, kept_blocks: Sequence[int], num_keep: int | None = None) -> Selection:
+    """Exactly the listed blocks, checked: integers, in range, unique, and `num_keep` of them when given."""
+    kept = _check_index_list(kept_blocks, depth, num_keep)
+    scores = [1.0 if block in kept else 0.0 for block in range(depth)]
+    return Selection(kept, scores, [(len(kept), depth)])
+
+
+def bk_sdm_blocks(depth: int) -> list[int]:
+    """BK-SDM's rule on consecutive pairs: the first of each pair in the first half, the last in the second half.
+
+    For DiT-XL's 28 blocks this is 0, 2, ..., 12, 15, 17, ..., 27, the oracle of the TinyFusion paper.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 4 or depth % 4:
+        raise ValueError(
+            f"depth={depth!r}: the BK-SDM oracle pairs the blocks of each half, so it needs a depth that is a "
+            "multiple of 4 (28 for DiT-XL). Pass kept_blocks=[...] explicitly for this model."
+        )
+    half = depth // 2
+    return list(range(0, half, 2)) + list(range(half + 1, depth, 2))
+
+
+def oracle(depth: int, kept_blocks: Sequence[int] | None = None) -> Selection:
+    """A fixed expert list: `kept_blocks` when given, else BK-SDM's (0, 2, ..., 12, 15, ..., 27 for 28 blocks)."""
+    return by_index(depth, bk_sdm_blocks(depth) if kept_blocks is None else kept_blocks)
+
+
+def _check_index_list(kept_blocks: Any, depth: int, num_keep: int | None) -> list[int]:
+    """`kept_blocks` as a sorted list after checking every way a hand-written list can be wrong."""
+    hint = f"Pass kept_blocks as a list of distinct block indices from 0 to {depth - 1}, e.g. [0, 2, 4]."
+    if isinstance(kept_blocks, (str, bytes)) or not isinstance(kept_blocks, Sequence):
+        raise ValueError(f"kept_blocks={kept_blocks!r} is not a list of block indices. {hint}")
+    try:
+        indices = [operator.index(index) for index in kept_blocks if not isinstance(index, bool)]
+    except TypeError:
+        indices = []
+    if len(indices) != len(kept_blocks):
+        raise ValueError(f"kept_blocks={list(kept_blocks)!r} holds entries that are not integers. {hint}")
+    if not indices:
+        raise ValueError(f"kept_blocks=[] keeps nothing; keep at least one of the {depth} blocks. {hint}")
+    out_of_range = [index for index in indices if not 0 <= index < depth]
+    if out_of_range:
+        raise ValueError(
+            f"kept_blocks={indices} holds {out_of_range}, outside the model's {depth} blocks "
+            f"(valid indices: 0 to {depth - 1}). {hint}"
+        )
+    repeated = sorted({index for index in indices if indices.count(index) > 1})
+    if repeated:
+        raise ValueError(f"kept_blocks={indices} lists {repeated} more than once; list each kept block once.")
+    if num_keep is not None and len(indices) != num_keep:
+        raise ValueError(
+            f"kept_blocks={indices} keeps {len(indices)} blocks but num_keep={num_keep}: list exactly {num_keep} "
+            "blocks, or set num_keep=null to accept any count."
+        )
+    return sorted(indices)

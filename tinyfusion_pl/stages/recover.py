@@ -1,0 +1,120 @@
+"""stage=recover: fine-tune the pruned model, plainly or distilled from a teacher (KD, masked KD)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch.nn as nn
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tinyfusion_pl.distill import DistillationModule, layer_pairing
+from tinyfusion_pl.io import save_json, save_torch
+from tinyfusion_pl.models import extract_state_dict, infer_dit_config, load_checkpoint_file
+from tinyfusion_pl.module import DiffusionModule, load_weights
+from tinyfusion_pl.pruning.calibration import calibration_batches, calibration_loss
+from tinyfusion_pl.stages.common import build_trainer, finish_loggers, stage_dir
+from tinyfusion_pl.stages.pretrain import checkpoint_payload, evaluate_digits_samples, sample_grid
+from tinyfusion_pl.stages.prune import BLOCKS, load_pruned
+
+DISTILL_METHODS = ("none", "kd", "masked_kd")
+
+
+def pruned_folder(cfg: DictConfig) -> Path:
+    """recover.pruned when given, else this run's prune/ folder; it must hold pruned.pt and decision.json."""
+    folder = Path(cfg.recover.pruned) if cfg.recover.pruned else Path(cfg.paths.run_dir) / "prune"
+    missing = [name for name in ("pruned.pt", "decision.json") if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"recover.pruned={folder} lacks {', '.join(missing)}. Run stage=prune in this run folder first, or pass "
+            "recover.pruned=/path/to/<run>/prune (the folder stage=prune wrote)."
+        )
+    return folder
+
+
+def recovery_teacher(cfg: DictConfig, decision: dict[str, Any]) -> tuple[nn.Module, Path]:
+    """The teacher: teacher.checkpoint (built as registry entry teacher.name when given) or the pruning teacher.
+
+    Its depth is read from the checkpoint, so a shallow teacher (e.g. a recovered D14) needs no extra setting.
+    """
+    if cfg.teacher.name and not cfg.teacher.checkpoint:
+        raise ValueError(
+            f"teacher.name={cfg.teacher.name} needs its weights: pass teacher.checkpoint=/path/to/model.pt as well."
+        )
+    path = Path(cfg.teacher.checkpoint or decision["teacher"])
+    if not path.is_file():
+        source = "teacher.checkpoint" if cfg.teacher.checkpoint else "the pruning teacher in decision.json"
+        raise FileNotFoundError(f"{source}, {path}, does not exist. Pass teacher.checkpoint=/path/to/model.pt.")
+    state_dict = extract_state_dict(load_checkpoint_file(path), prefer="ema")
+    architecture = {"depth": infer_dit_config(state_dict)["depth"]}
+    if cfg.teacher.name:
+        architecture["name"] = cfg.teacher.name
+    net = instantiate(cfg.model, **architecture)
+    load_weights(net, state_dict)
+    return net, path
+
+
+def build_recovery_module(
+    cfg: DictConfig, student: nn.Module, decision: dict[str, Any]
+) -> tuple[DiffusionModule, Path | None]:
+    """The module of the `distill` group's method, with its teacher (None for plain fine-tuning)."""
+    distill, module_options = cfg.distill, OmegaConf.to_container(cfg.recover.module, resolve=True)
+    objective = instantiate(cfg.objective)
+    if distill.method not in DISTILL_METHODS:
+        raise ValueError(f"distill.method='{distill.method}' is not one of {DISTILL_METHODS}. Pass e.g. distill=kd.")
+    if distill.method == "none":
+        return DiffusionModule(student, objective=objective, **module_options), None
+    teacher, teacher_path = recovery_teacher(cfg, decision)
+    feature_pairs = None
+    if distill.method == "masked_kd":
+        pairing = OmegaConf.to_object(distill.pairing) if OmegaConf.is_config(distill.pairing) else distill.pairing
+        feature_pairs = layer_pairing(pairing, len(getattr(student, BLOCKS)), len(getattr(teacher, BLOCKS)),
+                                      kept_blocks=decision["kept_blocks"], pruned_depth=decision.get("num_blocks"))
+    module = DistillationModule(
+        student, teacher, objective=objective, kd_weight=distill.kd_weight, gt_weight=distill.gt_weight,
+        feature_pairs=feature_pairs, feature_weight=tuple(distill.get("feature_weight", (0.0, 0.0))),
+        sigma_k=distill.get("sigma_k", 2.0), blocks=BLOCKS, **module_options,
+    )
+    return module, teacher_path
+
+
+def run_recover(cfg: DictConfig) -> dict[str, Any]:
+    """Fine-tune the pruned model of a prune folder; writes recover/model.pt ({'model','ema'}) and metrics.json."""
+    folder = stage_dir(cfg, "recover")
+    source = pruned_folder(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    student, decision = load_pruned(cfg, source)
+    datamodule = instantiate(cfg.data)
+    objective = instantiate(cfg.objective)
+    batches = calibration_batches(datamodule, cfg.recover.calibration_batches, seed=cfg.seed)
+    loss_before = calibration_loss(student, objective, batches, seed=cfg.seed)
+    module, teacher_path = build_recovery_module(cfg, student, decision)
+    trainer = build_trainer(cfg, "recover", max_steps=cfg.recover.max_steps)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.recover.resume_from)
+    finish_loggers(trainer, folder)
+    payload = checkpoint_payload(module, cfg)
+    payload["kept_blocks"] = decision["kept_blocks"]
+    checkpoint = save_torch(payload, folder / "model.pt")
+    metrics: dict[str, Any] = {
+        "steps": trainer.global_step,
+        "nonfinite_steps": module.nonfinite_steps,
+        "distill": cfg.distill.method,
+        "teacher": None if teacher_path is None else str(teacher_path),
+        "pruned": str(source),
+        "kept_blocks": decision["kept_blocks"],
+        "feature_pairs": getattr(module, "feature_pairs", []),
+        "calibration_loss": {
+            "pruned": loss_before,
+            "recovered": calibration_loss(module.net, objective, batches, seed=cfg.seed),
+            "recovered_ema": calibration_loss(module.sampling_net(), objective, batches, seed=cfg.seed),
+        },
+        "checkpoint": str(checkpoint),
+    }
+    if cfg.sampling.samples_per_class > 0:
+        title = f"{cfg.model.name}, {len(decision['kept_blocks'])} blocks, recovered ({cfg.distill.method})"
+        images, labels = sample_grid(module, cfg, folder / "samples.png", title=title)
+        metrics.update(evaluate_digits_samples(cfg, images, labels))
+    save_json(metrics, folder / "metrics.json")
+    return metrics
