@@ -7,10 +7,13 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tinyfusion_pl.stages.evaluate import run_evaluate
+from tinyfusion_pl.stages.pipeline import run_pipeline
 from tinyfusion_pl.stages.pretrain import run_pretrain
 from tinyfusion_pl.stages.prune import run_prune
+from tinyfusion_pl.stages.recover import run_recover
 
-STAGES = {"pretrain": run_pretrain, "prune": run_prune, "evaluate": run_evaluate}
+STAGES = {"pretrain": run_pretrain, "prune": run_prune, "recover": run_recover, "evaluate": run_evaluate,
+          "pipeline": run_pipeline}
 
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:

@@ -45,9 +45,8 @@ def build_trainer(cfg: DictConfig, stage: str, max_steps: int, callbacks: list |
     )
 
 
-def finish_loggers(trainer: L.Trainer, stage_folder: Path) -> None:
-    """Close the stage's loggers (each stage is its own W&B run) and say where offline W&B runs are."""
-    loggers = trainer.loggers
+def finish_loggers(loggers: list[Logger], stage_folder: Path) -> None:
+    """Close a stage's loggers (each stage is its own W&B run) and say where offline W&B runs are."""
     for logger in loggers:
         logger.finalize("success")
     describe_offline_runs(loggers, stage_folder)

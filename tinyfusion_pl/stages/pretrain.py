@@ -77,7 +77,7 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(evaluate_digits_samples(cfg, images, labels))
         log_images(trainer.loggers, {"pretrain/samples": folder / "samples.png"})
     save_json(metrics, folder / "metrics.json")
-    finish_loggers(trainer, folder)
+    finish_loggers(trainer.loggers, folder)
     return metrics
 
 

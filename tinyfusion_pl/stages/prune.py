@@ -51,7 +51,7 @@ def learnable_selection(cfg: DictConfig, net: nn.Module, datamodule: L.Lightning
     trainer = build_trainer(cfg, "prune", max_steps=pruning.max_steps, callbacks=[mask, weight_update])
     trainer.fit(module, datamodule=datamodule)
     log_images(trainer.loggers, {"prune/decision_dynamics": mask.plot_dynamics(folder / "decision_dynamics.png")})
-    finish_loggers(trainer, folder)
+    finish_loggers(trainer.loggers, folder)
     return mask.decision()
 
 

@@ -93,7 +93,7 @@ def run_recover(cfg: DictConfig) -> dict[str, Any]:
     module, teacher_path = build_recovery_module(cfg, student, decision)
     trainer = build_trainer(cfg, "recover", max_steps=cfg.recover.max_steps)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.recover.resume_from)
-    finish_loggers(trainer, folder)
+    finish_loggers(trainer.loggers, folder)
     payload = checkpoint_payload(module, cfg)
     payload["kept_blocks"] = decision["kept_blocks"]
     checkpoint = save_torch(payload, folder / "model.pt")
