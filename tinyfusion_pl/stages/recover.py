@@ -104,7 +104,7 @@ def run_recover(cfg: DictConfig) -> dict[str, Any]:
         "teacher": None if teacher_path is None else str(teacher_path),
         "pruned": str(source),
         "kept_blocks": decision["kept_blocks"],
-        "feature_pairs": getattr(module, "feature_pairs", []),
+        "feature_pairs": [list(pair) for pair in getattr(module, "feature_pairs", [])],
         "calibration_loss": {
             "pruned": loss_before,
             "recovered": calibration_loss(module.net, objective, batches, seed=cfg.seed),
