@@ -73,7 +73,7 @@ def test_objective_config_follows_the_model():
 
 
 def run_train(*overrides: str, cache_dir: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TINYFUSION_CACHE=str(cache_dir), WANDB_MODE="offline", HYDRA_FULL_ERROR="0")
+    env = dict(os.environ, TINYFUSION_CACHE=str(cache_dir), WANDB_MODE="offline", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "train.py", *overrides], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -107,3 +107,12 @@ def test_fsdp_config_shards_one_unit_per_dit_block():
     strategy = instantiate(cfg.trainer.strategy)
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_every_experiment_composes_and_builds_its_model(experiment):
+    cfg = compose_train([f"experiment={experiment}", "paths.run_dir=unused"])
+    with torch.device("meta"):
+        net = instantiate(cfg.model)
+    assert len(net.blocks) == cfg.model.get("depth", len(net.blocks))
+    instantiate(cfg.objective)

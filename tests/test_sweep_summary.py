@@ -26,12 +26,12 @@ def test_pareto_front_keeps_only_undominated_points():
 
 def test_summary_has_one_row_per_job_in_job_order(tmp_path):
     for job, (ratio, speedup, fid) in enumerate([(0.25, 3.5, 20.0), (0.5, 1.9, 8.0), (0.75, 1.3, 5.0)]):
-        write_job(tmp_path, job, [f"pruning.keep_ratio={ratio}"], speedup, fid)
-    write_job(tmp_path, 10, ["pruning.keep_ratio=0.9"], 1.1, 4.0)
+        write_job(tmp_path, job, [f"pruning.keep_ratio={ratio}", "seed=3"], speedup, fid)
+    write_job(tmp_path, 10, ["pruning.keep_ratio=0.9", "seed=3"], 1.1, 4.0)
     csv_path, png_path = summarize_sweep(tmp_path)
     rows = list(csv.DictReader(csv_path.open()))
     assert [row["job"] for row in rows] == ["0", "1", "2", "10"]
-    assert rows[1]["overrides"] == "pruning.keep_ratio=0.5" and float(rows[1]["fid"]) == 8.0
+    assert rows[1]["overrides"] == "pruning.keep_ratio=0.5" and float(rows[1]["fid"]) == 8.0  # seed=3 is shared
     assert png_path.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -17,16 +17,20 @@ COLUMNS = ["job", "overrides", "blocks", "params", "gflops", "samples_per_s", "s
 
 
 def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job folder of the sweep that wrote metrics.json, in job order."""
+    """One row per job folder of the sweep that wrote metrics.json, in job order.
+
+    `overrides` lists only the overrides that differ between jobs: the swept values.
+    """
+    paths = sorted(sweep_dir.glob("*/metrics.json"), key=lambda path: _job_order(path.parent.name))
+    overrides = [_job_overrides(path.parent) for path in paths]
+    shared = set.intersection(*map(set, overrides)) if len(overrides) > 1 else set()
     rows = []
-    for metrics_path in sorted(sweep_dir.glob("*/metrics.json"), key=lambda path: _job_order(path.parent.name)):
+    for metrics_path, job_overrides in zip(paths, overrides):
         metrics = json.loads(metrics_path.read_text())
-        overrides_path = metrics_path.parent / ".hydra" / "overrides.yaml"
-        overrides = OmegaConf.load(overrides_path) if overrides_path.is_file() else []
         pruned = metrics.get("pruned", {})
         rows.append({
             "job": metrics_path.parent.name,
-            "overrides": " ".join(str(item) for item in overrides),
+            "overrides": " ".join(item for item in job_overrides if item not in shared),
             **{key: pruned.get(key) for key in COLUMNS[2:] if key != "speedup"},
             "speedup": metrics.get("speedup"),
         })
@@ -79,6 +83,11 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
     write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
     plt.close(figure)
     return path
+
+
+def _job_overrides(job_dir: Path) -> list[str]:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    return [str(item) for item in OmegaConf.load(path)] if path.is_file() else []
 
 
 def _job_order(name: str) -> tuple[int, str]:

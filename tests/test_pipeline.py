@@ -1,0 +1,70 @@
+"""The default pipeline on a shrunken config, and a two-job keep-ratio sweep, run for real."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_configs import REPO
+from tests.test_stage_prune import compose_run
+from tinyfusion_pl.stages import run_stage
+
+SHRUNKEN = ["pretrain.max_steps=4", "pruning.max_steps=4", "pruning.calibration_batches=1", "recover.max_steps=4",
+            "recover.calibration_batches=1", "sampling.steps=2", "sampling.samples_per_class=1",
+            "evaluate.num_samples=20", "evaluate.batch_size=20", "evaluate.speed.batch_size=4",
+            "evaluate.speed.repeats=1"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    run_dir, cache_dir = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("cache")
+    cfg = compose_run(run_dir, cache_dir, "stage=pipeline", *SHRUNKEN)
+    return run_stage(cfg), run_dir
+
+
+def test_pipeline_writes_every_file_of_the_report(pipeline_run):
+    _, run_dir = pipeline_run
+    for relative in ["report.md", "metrics.json", "pretrain/model.pt", "prune/pruned.pt", "prune/decision.json",
+                     "prune/decision_dynamics.png", "recover/model.pt", "evaluate/samples_teacher.png",
+                     "evaluate/samples_pruned.png", "evaluate/metrics.json"]:
+        assert (run_dir / relative).is_file(), relative
+    report = (run_dir / "report.md").read_text()
+    for image in ["evaluate/samples_teacher.png", "evaluate/samples_pruned.png", "prune/decision_dynamics.png"]:
+        assert f"]({image})" in report
+
+
+def test_pipeline_metrics_compare_teacher_and_pruned(pipeline_run):
+    returned, run_dir = pipeline_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics == returned
+    for name in ("teacher", "pruned"):
+        assert {"blocks", "params", "gflops", "samples_per_s", "fid", "conditional_accuracy"} <= set(metrics[name])
+    assert metrics["teacher"]["blocks"] == 4 and metrics["pruned"]["blocks"] == 2
+    assert metrics["pruned"]["params"] < metrics["teacher"]["params"]
+    assert metrics["pruned"]["gflops"] < metrics["teacher"]["gflops"]
+    assert metrics["speedup"] > 0 and metrics["ideal_speedup"] > 1.0
+    assert len(metrics["kept_blocks"]) == 2
+    table = (run_dir / "report.md").read_text()
+    assert "| blocks | 4 | 2 |" in table
+
+
+def test_keep_ratio_sweep_writes_a_summary(tmp_path):
+    from tests.test_stage_prune import TINY
+
+    sweep_dir = tmp_path / "sweep"
+    # one thread: a tiny model gains nothing from a second, and loses a lot when other processes share the cores
+    env = dict(os.environ, TINYFUSION_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "train.py", "-m", "pruning.keep_ratio=0.25,0.5", "pruning.group_size=4", *TINY, *SHRUNKEN,
+         f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
+    assert [row["overrides"] for row in rows] == ["pruning.keep_ratio=0.25", "pruning.keep_ratio=0.5"]
+    assert [int(row["blocks"]) for row in rows] == [1, 2]
+    assert (sweep_dir / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (sweep_dir / "1" / "pretrain").exists()  # the second job reuses the cached teacher
