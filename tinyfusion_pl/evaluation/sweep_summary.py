@@ -25,7 +25,7 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     overrides = [_job_overrides(path.parent) for path in paths]
     shared = set.intersection(*map(set, overrides)) if len(overrides) > 1 else set()
     rows = []
-    for metrics_path, job_overrides in zip(paths, overrides):
+    for metrics_path, job_overrides in zip(paths, overrides, strict=True):
         metrics = json.loads(metrics_path.read_text())
         pruned = metrics.get("pruned", {})
         rows.append({
