@@ -68,3 +68,22 @@ def test_keep_ratio_sweep_writes_a_summary(tmp_path):
     assert [int(row["blocks"]) for row in rows] == [1, 2]
     assert (sweep_dir / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert not (sweep_dir / "1" / "pretrain").exists()  # the second job reuses the cached teacher
+
+
+def test_compare_selectors_writes_the_table_and_the_scatter_plot(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose_run(run_dir, tmp_path / "cache", "experiment=compare_selectors", *SHRUNKEN,
+                      "~compare.selectors.sensitivity", "~compare.selectors.oracle", "~compare.selectors.random_2",
+                      "~compare.selectors.random_3", "~compare.selectors.bi_score")
+    result = run_stage(cfg)
+    names = [row["selector"] for row in result["selectors"]]
+    assert names == ["learnable", "random_0", "random_1"]
+    rows = list(csv.DictReader((run_dir / "comparison.csv").open()))
+    assert [row["selector"] for row in rows] == names
+    assert all(float(row["calibration_loss"]) > 0 and float(row["fid"]) >= 0 for row in rows)
+    random_choices = [row["kept_blocks"] for row in rows[1:]]
+    assert all(len(choice.split()) == 2 for choice in random_choices)
+    assert (run_dir / "calibration_vs_fid.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| learnable |" in (run_dir / "comparison.md").read_text()
+    for name in names:
+        assert (run_dir / name / "recover" / "model.pt").is_file()

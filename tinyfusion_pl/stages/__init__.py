@@ -6,6 +6,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from tinyfusion_pl.stages.compare_selectors import run_compare_selectors
 from tinyfusion_pl.stages.evaluate import run_evaluate
 from tinyfusion_pl.stages.pipeline import run_pipeline
 from tinyfusion_pl.stages.pretrain import run_pretrain
@@ -13,7 +14,7 @@ from tinyfusion_pl.stages.prune import run_prune
 from tinyfusion_pl.stages.recover import run_recover
 
 STAGES = {"pretrain": run_pretrain, "prune": run_prune, "recover": run_recover, "evaluate": run_evaluate,
-          "pipeline": run_pipeline}
+          "pipeline": run_pipeline, "compare_selectors": run_compare_selectors}
 
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:

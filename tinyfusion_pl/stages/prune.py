@@ -72,7 +72,8 @@ def baseline_selection(cfg: DictConfig, net: nn.Module, objective: Any, batches:
         pattern = options["pattern"]
         groups = selection_groups(depth, pattern, options["keep_ratio"], options["group_size"])
         if pruning.selector == "random":
-            selection = random_blocks(depth, groups, seed=cfg.seed)
+            seed = cfg.seed if options.get("seed") is None else options["seed"]
+            selection = random_blocks(depth, groups, seed=seed)
         else:
             score = bi_score if pruning.selector == "bi_score" else sensitivity
             selection = score(net, objective, batches, groups, blocks=BLOCKS, seed=cfg.seed, progress=pruning.progress)
