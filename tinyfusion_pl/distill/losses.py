@@ -24,10 +24,8 @@ def within_k_sigma(hidden: torch.Tensor, k: float) -> torch.Tensor:
     fall outside the mask; a constant sample keeps nothing (sigma = 0).
     """
     values = hidden.detach().float()
-    dims = tuple(range(1, values.ndim))
-    mean = values.mean(dim=dims, keepdim=True)  # (N, 1, 1)
-    std = values.std(dim=dims, keepdim=True, unbiased=False)  # (N, 1, 1)
-    return (values - mean).abs() < k * std  # (N, T, D)
+    std, mean = torch.std_mean(values, dim=tuple(range(1, values.ndim)), correction=0, keepdim=True)  # (N, 1, 1)
+    return (values - mean).abs_() < k * std  # (N, T, D)
 
 
 def masked_feature_mse(student: torch.Tensor, teacher: torch.Tensor, k: float | None = 2.0) -> torch.Tensor:
