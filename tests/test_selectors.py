@@ -208,3 +208,14 @@ def test_selection_groups_rank_globally_unless_a_pattern_is_given():
 def test_selection_reports_kept_blocks_per_group():
     selection = Selection(kept_blocks=[1, 2, 5], scores=[0.0] * 6, groups=[(1, 2), (2, 4)])
     assert selection.as_dict()["group_kept_blocks"] == [[1], [2, 5]]
+
+
+def test_scoring_runs_the_net_under_inference_mode_with_a_progress_bar(capsys):
+    net = RotationNet(ANGLES[:2])
+    modes = []
+    net.blocks[0].register_forward_hook(lambda module, args, output: modes.append(torch.is_inference_mode_enabled()))
+    bi_score(net, PLAIN_EPS, image_batches(count=2), [(1, 2)], progress=True)
+    sensitivity(net, PLAIN_EPS, image_batches(count=2), [(1, 2)], progress=True)
+    assert modes and all(modes)
+    progress = capsys.readouterr().err
+    assert "block influence" in progress and "sensitivity" in progress
