@@ -25,6 +25,7 @@ def wandb_is_configured() -> bool:
 def wandb_logger(save_dir: str, project: str = "tinyfusion_pl", mode: str | None = None, **kwargs: Any) -> WandbLogger:
     """A WandbLogger that runs offline unless W&B is configured (or WANDB_MODE / `mode` says otherwise)."""
     mode = mode or os.environ.get("WANDB_MODE") or ("online" if wandb_is_configured() else "offline")
+    mode = "offline" if mode == "dryrun" else mode  # wandb's own older name, which it still sets in os.environ
     if mode not in ("online", "offline", "disabled"):
         raise ValueError(f"logger.wandb.mode='{mode}' must be 'online', 'offline' or 'disabled'.")
     return WandbLogger(save_dir=save_dir, project=project, offline=mode == "offline", mode=mode, **kwargs)
