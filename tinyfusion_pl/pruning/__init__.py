@@ -1,0 +1,29 @@
+"""Depth pruning machinery: N:M patterns, Gumbel gates, block masks, LoRA, selectors, export. No Lightning here."""
+
+from tinyfusion_pl.pruning.calibration import calibration_batches, calibration_loss
+from tinyfusion_pl.pruning.containers import find_block_containers, resolve_block_container
+from tinyfusion_pl.pruning.export import prune_blocks
+from tinyfusion_pl.pruning.gates import BlockGates, straight_through_gumbel
+from tinyfusion_pl.pruning.lora import LoRALinear, inject_lora, remove_lora
+from tinyfusion_pl.pruning.patterns import BlockPattern, enumerate_options
+from tinyfusion_pl.pruning.selectors import bi_score, by_index, oracle, random_blocks, sensitivity
+
+__all__ = [
+    "BlockGates",
+    "BlockPattern",
+    "LoRALinear",
+    "bi_score",
+    "by_index",
+    "calibration_batches",
+    "calibration_loss",
+    "enumerate_options",
+    "find_block_containers",
+    "inject_lora",
+    "oracle",
+    "prune_blocks",
+    "random_blocks",
+    "remove_lora",
+    "resolve_block_container",
+    "sensitivity",
+    "straight_through_gumbel",
+]
