@@ -68,9 +68,9 @@ def test_sample_uses_ema_weights_with_cfg_and_restores_train_mode():
     labels = torch.tensor([0, 3, 7])
     module.net.train()
     kwargs = dict(steps=5, method="ddim", cfg_scale=2.0)
-    ema_samples = module.sample(labels, generator=torch.Generator().manual_seed(0), **kwargs)
-    again = module.sample(labels, generator=torch.Generator().manual_seed(0), **kwargs)
-    raw_samples = module.sample(labels, use_ema=False, generator=torch.Generator().manual_seed(0), **kwargs)
+    ema_samples = module.sample(labels, seed=0, **kwargs)
+    again = module.sample(labels, seed=0, **kwargs)
+    raw_samples = module.sample(labels, use_ema=False, seed=0, **kwargs)
     assert ema_samples.shape == (3, 1, 8, 8)
     torch.testing.assert_close(ema_samples, again)  # eval mode: no random label drops
     assert not torch.allclose(ema_samples, raw_samples)
@@ -80,7 +80,7 @@ def test_sample_uses_ema_weights_with_cfg_and_restores_train_mode():
 def test_sample_equals_the_objective_sampler_on_the_ema_net():
     module = DiffusionModule(tiny_dit(), ema_decay=0.9)
     labels = torch.tensor([1, 2])
-    samples = module.sample(labels, steps=4, method="ddim", generator=torch.Generator().manual_seed(3))
+    samples = module.sample(labels, steps=4, method="ddim", seed=3)
     generator = torch.Generator().manual_seed(3)
     noise = torch.randn(2, 1, 8, 8, generator=generator)
     net = module.ema.module.eval()

@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from tinyfusion_pl.evaluation.sampling import sample_images
 from tinyfusion_pl.models.checkpoints import extract_state_dict, load_checkpoint_file, load_dit_state_dict
 from tinyfusion_pl.models.dit import DiT
-from tinyfusion_pl.objectives import DiffusionObjective, GaussianDiffusion, classifier_free_guidance
+from tinyfusion_pl.objectives import DiffusionObjective, GaussianDiffusion
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -161,7 +162,6 @@ class DiffusionModule(L.LightningModule):
         """The EMA copy of the net when there is one and `use_ema`, else the trained net."""
         return self.ema.module if use_ema and self.ema is not None else self.net
 
-    @torch.no_grad()
     def sample(
         self,
         labels: torch.Tensor,
@@ -172,31 +172,17 @@ class DiffusionModule(L.LightningModule):
         eta: float = 0.0,
         clip_denoised: bool = False,
         use_ema: bool = True,
-        generator: torch.Generator | None = None,
+        seed: int = 0,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Class-conditional samples (N, C, H, W) for `labels`, with classifier-free guidance when cfg_scale > 1.
+        """Class-conditional samples (N, C, H, W) for `labels` from the EMA net, with CFG when cfg_scale > 1.
 
-        guidance_channels=None guides every noise channel (the standard form); 3 is DiT's reproduction convention.
-        clip_denoised clips each predicted x0 to [-1, 1]: right for pixels, not for latents (DiT does not clip).
+        The options are those of `tinyfusion_pl.evaluation.sample_images`, which draws them in one batch.
         """
-        net = self.sampling_net(use_ema)
-        shape = (len(labels), net.in_channels, net.input_size, net.input_size)
-        noise = torch.randn(shape, device=self.device, generator=generator)
-        labels = labels.to(self.device)
-        model = net
-        if cfg_scale > 1.0:
-            model = classifier_free_guidance(net, cfg_scale, null_label=net.num_classes,
-                                             guidance_channels=guidance_channels)
-        was_training = net.training
-        net.eval()  # a DiT in train mode would drop labels at random
-        try:
-            return self.objective.sample(model, noise, model_kwargs={"y": labels}, steps=steps, method=method,
-                                         eta=eta, clip_denoised=clip_denoised, generator=generator,
-                                         progress=progress)
-        finally:
-            net.train(was_training)
-
+        return sample_images(self.sampling_net(use_ema), self.objective, labels, steps=steps, method=method,
+                             cfg_scale=cfg_scale, guidance_channels=guidance_channels, eta=eta,
+                             clip_denoised=clip_denoised, batch_size=max(len(labels), 1), seed=seed,
+                             progress=progress).to(self.device)
 
 def _parameter_shapes(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     return [(name, tuple(p.shape)) for name, p in module.named_parameters()]

@@ -51,9 +51,8 @@ def sample_grid(module: DiffusionModule, cfg: DictConfig, path: Path, title: str
     sampling = cfg.sampling
     num_classes = module.sampling_net().num_classes
     labels = torch.arange(num_classes).repeat_interleave(sampling.samples_per_class)
-    generator = torch.Generator(module.device).manual_seed(cfg.seed)
     images = module.sample(labels, steps=sampling.steps, method=sampling.method, cfg_scale=sampling.cfg_scale,
-                           clip_denoised=sampling.clip_denoised, generator=generator, progress=sampling.progress)
+                           clip_denoised=sampling.clip_denoised, seed=cfg.seed, progress=sampling.progress)
     # one row per sample index, one column per class: each column is a class
     order = torch.arange(len(labels)).view(num_classes, -1).t().reshape(-1)
     save_image_grid(images[order], path, nrow=num_classes, title=title)
