@@ -76,6 +76,7 @@ class CoOptimizedWeightUpdate(L.Callback):
         # Recorded first: if anything below fails, on_exception restores the model from this.
         self._container = container
         self._requires_grad_before = [(p, p.requires_grad) for p in pl_module.parameters()]
+        self.wrapped_layers = []
         if self.method in ("lora", "frozen"):
             pl_module.requires_grad_(False)
         if self.method == "lora":
