@@ -317,6 +317,8 @@ class TrainingRecord(L.Callback):
         self.stepped_gates = sum(id(p) in gate_ids for p in stepped)
         self.gate_logits = [logits.detach().clone() for logits in self.mask.gates.gate_logits]
         self.adapters = {name: p.detach().clone() for name, p in pl_module.named_parameters() if "lora_" in name}
+        # Exporting while the gate hooks and the adapters are still in place.
+        self.export_during_fit = prune_blocks(pl_module.denoiser, blocks="blocks", keep=self.mask.kept_blocks)
 
 
 @pytest.mark.parametrize("method", ["lora", "frozen"])
@@ -358,3 +360,9 @@ def test_with_the_block_mask_only_gates_and_adapters_learn_and_the_export_has_th
     reference.load_state_dict(shallow.state_dict(), strict=True)
     for new_index, old_index in enumerate(kept):
         assert torch.equal(shallow.blocks[new_index].mlp.fc1.weight, before[f"denoiser.blocks.{old_index}.mlp.fc1.weight"])
+
+    during_fit = record.export_during_fit
+    assert not any(isinstance(m, LoRALinear) for m in during_fit.modules())
+    assert not any(m._forward_hooks for m in during_fit.modules())
+    reference.load_state_dict(during_fit.state_dict(), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(during_fit.state_dict().values(), shallow.state_dict().values(), strict=True))

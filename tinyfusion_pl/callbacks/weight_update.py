@@ -11,7 +11,7 @@ import torch.nn as nn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from tinyfusion_pl.pruning.containers import resolve_block_container
-from tinyfusion_pl.pruning.lora import check_lora_arguments, inject_lora, remove_lora
+from tinyfusion_pl.pruning.lora import LoRALinear, check_lora_arguments, inject_lora, remove_lora
 
 METHODS = ("lora", "full", "frozen")
 
@@ -77,12 +77,15 @@ class CoOptimizedWeightUpdate(L.Callback):
         self._container = container
         self._requires_grad_before = [(p, p.requires_grad) for p in pl_module.parameters()]
         self.wrapped_layers = []
-        if self.method in ("lora", "frozen"):
-            pl_module.requires_grad_(False)
         if self.method == "lora":
+            # Wrapped before freezing, so that each wrapper records its layer's own flags for an export.
             self.wrapped_layers = inject_lora(
                 container, rank=self.rank, alpha=self.alpha, dropout=self.dropout, target=self.target
             )
+        if self.method in ("lora", "frozen"):
+            adapters = {id(p) for m in container.modules() if isinstance(m, LoRALinear) for p in m.adapters()}
+            for parameter in pl_module.parameters():
+                parameter.requires_grad_(id(parameter) in adapters)
         if self.method == "full":
             container.requires_grad_(True)
             if not self.merge:

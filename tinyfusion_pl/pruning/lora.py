@@ -87,6 +87,10 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b.weight)
 
+    def adapters(self) -> list[nn.Parameter]:
+        """The trainable parameters of the update: A and B."""
+        return [self.lora_a.weight, self.lora_b.weight]
+
     @property
     def in_features(self) -> int:
         return self.base_layer.in_features
