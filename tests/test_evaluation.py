@@ -347,20 +347,25 @@ def test_sampling_speed_reports_consistent_ratios_for_a_half_depth_model():
     dense = tiny_dit(depth=4)
     half = prune_blocks(dense, blocks="blocks", keep=[0, 2])
     results = sampling_speed({"dense": dense, "half": half}, GaussianDiffusion(), batch_size=4, steps=2,
-                             repeats=2, warmup=0)
+                             sampler_steps=10, repeats=2, warmup=0)
     assert results["dense"]["speedup"] == 1.0 and results["dense"]["ideal_speedup"] == 1.0
     assert results["half"]["blocks"] == 2 and results["half"]["params"] == count_parameters(half)
     assert results["half"]["ideal_speedup"] == pytest.approx(forward_flops(dense) / forward_flops(half))
     assert 1.0 < results["half"]["ideal_speedup"] < 2.0  # the embedders and final layer are not pruned
     for row in results.values():
         assert row["seconds"] > 0
-        assert row["samples_per_s"] == pytest.approx(4 / row["seconds"])
         assert row["steps_per_s"] == pytest.approx(2 / row["seconds"])
+        assert row["samples_per_s"] == pytest.approx(4 / (10 * row["seconds"] / 2))  # 4 images per 10-step run
     assert results["half"]["speedup"] == pytest.approx(results["dense"]["seconds"] / results["half"]["seconds"])
     table = speed_table(results)
     assert table.count("\n") == 3 and "| half | 2 |" in table
 
 
-def test_sampling_speed_refuses_an_unknown_reference():
+def test_sampling_speed_refuses_bad_arguments_by_name():
+    nets, objective = {"dense": tiny_dit(depth=1)}, GaussianDiffusion()
     with pytest.raises(ValueError, match="reference='teacher' is not one of the nets \\['dense'\\]"):
-        sampling_speed({"dense": tiny_dit(depth=1)}, GaussianDiffusion(), reference="teacher")
+        sampling_speed(nets, objective, reference="teacher")
+    with pytest.raises(ValueError, match="sampler_steps=0 is invalid: expected a positive int"):
+        sampling_speed(nets, objective, sampler_steps=0)
+    with pytest.raises(ValueError, match="nets is empty"):
+        sampling_speed({}, objective)

@@ -26,7 +26,7 @@ from tinyfusion_pl.stages import run_stage
 
 TINY = ["stage=evaluate", "+model.depth=4", "logger=none", "callbacks=none", "sampling.steps=2",
         "sampling.samples_per_class=2", "evaluate.num_samples=30", "evaluate.batch_size=16", "evaluate.device=cpu",
-        "evaluate.speed.batch_size=4", "evaluate.speed.repeats=1", "evaluate.speed.warmup=0"]
+        "evaluate.speed.batch_size=4", "evaluate.speed.steps=1", "evaluate.speed.repeats=1", "evaluate.speed.warmup=0"]
 
 
 def compose_run(run_dir, cache_dir, *overrides):
@@ -85,6 +85,9 @@ def test_metrics_json_describes_both_models(evaluated_run):
     ideal = forward_flops(nets["teacher"]) / forward_flops(nets["pruned"])
     assert written["ideal_speedup"] == pytest.approx(ideal) and 1.0 < ideal < 2.0
     assert written["settings"]["num_samples"] == 30 and written["settings"]["steps"] == 2
+    for entry in (written["teacher"], written["pruned"]):  # speed timed over 1 step, reported for the 2-step sampler
+        assert entry["steps_per_s"] == pytest.approx(1 / entry["seconds"])
+        assert entry["samples_per_s"] == pytest.approx(4 * entry["steps_per_s"] / 2)
 
 
 def test_the_npz_holds_exactly_the_scored_samples(evaluated_run):

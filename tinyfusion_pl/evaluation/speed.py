@@ -101,7 +101,8 @@ def sampling_speed(
     objective: DiffusionObjective,
     *,
     batch_size: int = 16,
-    steps: int = 50,
+    steps: int = 10,
+    sampler_steps: int | None = None,
     method: str = "ddim",
     cfg_scale: float = 1.0,
     clip_denoised: bool = False,
@@ -112,9 +113,11 @@ def sampling_speed(
     """Cost and sampling speed of each net, and its speedup over `reference` (default: the first net).
 
     Per net: blocks, params, gflops (one forward of one image), seconds (median time to sample a batch of
-    `batch_size` images with `steps` denoising steps), samples_per_s, steps_per_s (the paper's "sampling
-    it/s", steps of the whole batch per second), speedup (reference seconds / seconds) and ideal_speedup
-    (reference FLOPs / FLOPs: what removing compute alone would give). All nets must be on one device.
+    `batch_size` images with `steps` denoising steps), steps_per_s (the paper's "sampling it/s": denoising
+    steps of the whole batch per second), samples_per_s (images per second of a full sampler run of
+    `sampler_steps` steps, default `steps`, at the measured rate: a few timed steps stand for a long
+    sampler), speedup (reference seconds / seconds) and ideal_speedup (reference FLOPs / FLOPs: what
+    removing compute alone would give). All nets must be on one device.
     """
     if not nets:
         raise ValueError("nets is empty: pass a mapping of name -> denoiser, e.g. {'teacher': ..., 'pruned': ...}.")
@@ -123,6 +126,10 @@ def sampling_speed(
         raise ValueError(f"reference={reference!r} is not one of the nets {list(nets)}; name one of them or pass None.")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} is invalid: expected a positive int (denoising steps per timed sample).")
+    sampler_steps = steps if sampler_steps is None else sampler_steps
+    if isinstance(sampler_steps, bool) or not isinstance(sampler_steps, int) or sampler_steps < 1:
+        raise ValueError(f"sampler_steps={sampler_steps!r} is invalid: expected a positive int (the steps of the "
+                         "sampler whose images per second to report), or None for `steps`.")
     devices = {str(next(net.parameters()).device) for net in nets.values()}
     if len(devices) > 1:
         raise ValueError(f"the nets are on different devices {sorted(devices)}; move them to one device to compare speed.")
@@ -141,7 +148,7 @@ def sampling_speed(
             "params": count_parameters(net),
             "gflops": flops[name] / 1e9,
             "seconds": seconds[name],
-            "samples_per_s": batch_size / seconds[name],
+            "samples_per_s": batch_size * steps / (seconds[name] * sampler_steps),
             "steps_per_s": steps / seconds[name],
             "speedup": seconds[reference] / seconds[name],
             "ideal_speedup": flops[reference] / flops[name],

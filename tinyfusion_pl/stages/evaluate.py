@@ -219,8 +219,8 @@ def evaluate_nets(
                              title=_grid_title(name, net, result))
             result["grid"] = str(grid)
         results[name] = result
-    speed = sampling_speed(nets, objective, batch_size=settings.speed.batch_size, steps=sampling.steps,
-                           method=sampling.method, cfg_scale=sampling.cfg_scale,
+    speed = sampling_speed(nets, objective, batch_size=settings.speed.batch_size, steps=settings.speed.steps,
+                           sampler_steps=sampling.steps, method=sampling.method, cfg_scale=sampling.cfg_scale,
                            clip_denoised=sampling.clip_denoised, repeats=settings.speed.repeats,
                            warmup=settings.speed.warmup, reference=reference)
     for name in nets:
@@ -231,7 +231,8 @@ def evaluate_nets(
             "device": str(device), "num_samples": settings.num_samples, "method": sampling.method,
             "steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "clip_denoised": sampling.clip_denoised,
             "seed": cfg.seed, "fid": fid_description,
-            "speed_batch_size": settings.speed.batch_size, "speed_repeats": settings.speed.repeats,
+            "speed_batch_size": settings.speed.batch_size, "speed_steps": settings.speed.steps,
+            "speed_repeats": settings.speed.repeats,
         },
     }
 
