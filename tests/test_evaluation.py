@@ -28,6 +28,7 @@ from tinyfusion_pl.evaluation import (
     sample_images,
     sampling_speed,
     save_npz,
+    sd_vae_decoder,
     speed_table,
     uint8_to_images,
 )
@@ -87,6 +88,12 @@ def test_npz_refuses_what_is_not_uint8_nhwc(tmp_path):
     np.savez(tmp_path / "other.npz", images=np.zeros((2, 8, 8, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="no 'arr_0' array \\(keys: \\['images'\\]\\)"):
         load_npz(tmp_path / "other.npz")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is not None, reason="diffusers is installed here")
+def test_the_latent_decoder_without_diffusers_says_what_to_install():
+    with pytest.raises(ModuleNotFoundError, match="needs diffusers' AutoencoderKL.*pip install diffusers"):
+        sd_vae_decoder("stabilityai/sd-vae-ft-ema")
 
 
 # --------------------------------------------------------------------------- sampling
@@ -211,6 +218,7 @@ def frechet_distance_float64(real: np.ndarray, fake: np.ndarray) -> float:
     return float(((mu_real - mu_fake) ** 2).sum() + np.trace(cov_real + cov_fake - 2 * root))
 
 
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # the untrained features have a few dead units
 def test_fid_matches_an_independent_float64_frechet_distance(scorer, classifier, digits):
     fake = noisy(digits[:900], 0.3, seed=1)
 
