@@ -116,13 +116,13 @@ def test_the_samples_come_from_the_configured_sampler_and_seed(evaluated_run):
         assert (run_dir / "evaluate" / f"samples_{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_recovered_model_is_preferred_to_the_freshly_pruned_one(evaluated_run, tmp_path):
-    _, run_dir, _, _, _ = evaluated_run
+def test_a_recovered_model_is_preferred_to_the_freshly_pruned_one(evaluated_run):
+    _, run_dir, _, _, cfg = evaluated_run
     recovered, raw = perturbed_dit(depth=3, seed=1), perturbed_dit(depth=3, seed=2)
     (run_dir / "recover").mkdir(exist_ok=True)
     torch.save({"model": raw.state_dict(), "ema": recovered.state_dict()}, run_dir / "recover" / "model.pt")
     try:
-        metrics = run_stage(compose_run(run_dir, tmp_path, "evaluate.models=[pruned]", "evaluate.fid=none",
+        metrics = run_stage(compose_run(run_dir, cfg.paths.cache_dir, "evaluate.models=[pruned]", "evaluate.fid=none",
                                         "evaluate.save_npz=false"))
     finally:
         (run_dir / "recover" / "model.pt").unlink()
