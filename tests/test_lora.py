@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tinyfusion_pl.pruning.lora import LoRALinear, LowRankAdd, inject_lora, remove_lora
+from tinyfusion_pl.pruning.lora import LoRALinear, LoRALinearFunction, inject_lora, remove_lora
 
 
 class ToyBlock(nn.Module):
@@ -64,14 +64,31 @@ def test_forward_is_base_plus_scaled_low_rank_update_in_float64():
     torch.testing.assert_close(wrapper(x), expected)
 
 
-def test_low_rank_add_gradients_match_finite_differences():
+@pytest.mark.parametrize("shared_input", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_function_gradients_match_finite_differences(shared_input, with_bias):
     generator = torch.Generator().manual_seed(0)
 
     def leaf(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
 
-    out, x, lora_a, lora_b = leaf(2, 3, 7), leaf(2, 3, 5), leaf(2, 5), leaf(7, 2)
-    assert torch.autograd.gradcheck(lambda *args: LowRankAdd.apply(*args, 1.5), (out, x, lora_a, lora_b))
+    x, weight, lora_a, lora_b = leaf(2, 3, 5), leaf(7, 5), leaf(2, 5), leaf(7, 2)
+    bias = leaf(7) if with_bias else None
+    lora_input = leaf(2, 3, 5)
+
+    def function(x, lora_input, weight, bias, lora_a, lora_b):
+        return LoRALinearFunction.apply(x, x if shared_input else lora_input, weight, bias, lora_a, lora_b, 1.5)
+
+    assert torch.autograd.gradcheck(function, (x, lora_input, weight, bias, lora_a, lora_b))
+
+
+def test_a_layer_that_overrides_forward_is_refused():
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(TypeError, match=r"ScaledLinear overrides nn.Linear.forward. Wrap plain nn.Linear layers only"):
+        LoRALinear(ScaledLinear(2, 2))
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

@@ -22,35 +22,47 @@ def check_lora_arguments(rank: int, alpha: float, dropout: float) -> None:
         raise ValueError("Invalid LoRA arguments: " + "; ".join(problems) + ".")
 
 
-class LowRankAdd(torch.autograd.Function):
-    """out + scaling * x A^T B^T for A (rank, in) and B (out, rank), with forward and backward written out.
+class LoRALinearFunction(torch.autograd.Function):
+    """x W^T + b + scaling * x' A^T B^T (x' = dropout(x)), with forward and backward written out.
 
-    Autograd would compute the products with the thin rank side in orientations that BLAS runs slowly:
-    on CPU, B's gradient as G^T h takes ~20x longer than the same numbers as (h^T G)^T for rank 8, and
-    separate scaling and addition passes over the full-width output cost more than the adapters' GEMMs.
-    Here the scaling is applied to the (M, rank) bottleneck and the addition is fused into addmm.
+    Autograd composing nn.Linear calls does the same maths with more passes over full-width tensors
+    and, for the thin rank side, in GEMM orientations that BLAS runs slowly: on CPU, B's gradient as
+    G^T h takes ~20x longer than the same numbers as (h^T G)^T at rank 8. Here scaling is applied to
+    the (M, rank) bottleneck, the update is added inside addmm, both input gradients go into one
+    tensor, and the base weight gets a gradient only if it requires one.
     """
 
     @staticmethod
-    def forward(ctx, out, x, lora_a, lora_b, scaling):
+    def forward(ctx, x, lora_input, weight, bias, lora_a, lora_b, scaling):
         inputs = x.reshape(-1, x.shape[-1])  # (M, in)
-        bottleneck = (lora_a @ inputs.t()).t() * scaling  # (M, rank)
-        result = torch.addmm(out.reshape(-1, out.shape[-1]), bottleneck, lora_b.t())  # (M, out)
-        ctx.save_for_backward(inputs, bottleneck, lora_a, lora_b)
+        lora_inputs = inputs if lora_input is x else lora_input.reshape(-1, x.shape[-1])  # (M, in)
+        bottleneck = (lora_a @ lora_inputs.t()).t() * scaling  # (M, rank)
+        out = inputs @ weight.t() if bias is None else torch.addmm(bias, inputs, weight.t())  # (M, out)
+        out.addmm_(bottleneck, lora_b.t())  # (M, out)
+        ctx.save_for_backward(inputs, lora_inputs, bottleneck, weight, lora_a, lora_b)
+        ctx.shared_input = lora_input is x
         ctx.scaling = scaling
         ctx.input_shape = x.shape
-        return result.view(out.shape)  # (..., out)
+        return out.view(*x.shape[:-1], out.shape[-1])  # (..., out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        inputs, bottleneck, lora_a, lora_b = ctx.saved_tensors
+        inputs, lora_inputs, bottleneck, weight, lora_a, lora_b = ctx.saved_tensors
+        needs_x, needs_lora_input, needs_weight, needs_bias, needs_a, needs_b, _ = ctx.needs_input_grad
         grad = grad_output.reshape(-1, grad_output.shape[-1])  # (M, out)
-        grad_bottleneck = (lora_b.t() @ grad.t()).t() * ctx.scaling  # (M, rank), d loss / d (x A^T)
-        grad_x = (grad_bottleneck @ lora_a).view(ctx.input_shape) if ctx.needs_input_grad[1] else None
-        grad_a = grad_bottleneck.t() @ inputs if ctx.needs_input_grad[2] else None  # (rank, in)
-        grad_b = (bottleneck.t() @ grad).t() if ctx.needs_input_grad[3] else None  # (out, rank)
-        return grad_output, grad_x, grad_a, grad_b, None
+        grad_bottleneck = (lora_b.t() @ grad.t()).t() * ctx.scaling  # (M, rank): d loss / d (x' A^T)
+        grad_x = grad_lora_input = None
+        if ctx.shared_input and needs_x:
+            grad_x = (grad @ weight).addmm_(grad_bottleneck, lora_a).view(ctx.input_shape)  # (..., in)
+        else:
+            grad_x = (grad @ weight).view(ctx.input_shape) if needs_x else None
+            grad_lora_input = (grad_bottleneck @ lora_a).view(ctx.input_shape) if needs_lora_input else None
+        grad_weight = grad.t() @ inputs if needs_weight else None  # (out, in)
+        grad_bias = grad.sum(dim=0) if needs_bias else None  # (out,)
+        grad_a = grad_bottleneck.t() @ lora_inputs if needs_a else None  # (rank, in)
+        grad_b = (bottleneck.t() @ grad).t() if needs_b else None  # (out, rank)
+        return grad_x, grad_lora_input, grad_weight, grad_bias, grad_a, grad_b, None
 
 
 class LoRALinear(nn.Module):
@@ -58,6 +70,7 @@ class LoRALinear(nn.Module):
 
     The wrapped Linear is held as `base_layer` (not copied) and frozen; its requires_grad flags are
     restored by `unwrap`. `merged` tells whether the update currently lives inside `base_layer.weight`.
+    While not merged, the base layer's weights are used directly (hooks on `base_layer` do not run).
     """
 
     def __init__(self, base_layer: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
@@ -66,6 +79,11 @@ class LoRALinear(nn.Module):
             raise TypeError(
                 f"LoRALinear wraps an nn.Linear, got base_layer of type {type(base_layer).__name__}. "
                 "Pass the Linear layer itself, or use inject_lora(root) to wrap every Linear under a module."
+            )
+        if type(base_layer).forward is not nn.Linear.forward:
+            raise TypeError(
+                f"LoRALinear computes the wrapped layer as F.linear, but {type(base_layer).__name__} overrides "
+                "nn.Linear.forward. Wrap plain nn.Linear layers only (pass `target` to inject_lora to skip it)."
             )
         check_lora_arguments(rank, alpha, dropout)
         self.base_layer = base_layer
@@ -108,16 +126,15 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        base_output = self.base_layer(x)  # (..., out)
-        # base_layer(x) + scaling * lora_b(lora_a(dropout(x))), in the adapters' GEMM orientations that are fast.
-        dtype = base_output.dtype  # under autocast the update joins the base output's precision
-        return LowRankAdd.apply(
-            base_output,
-            self.dropout(x).to(dtype),
-            self.lora_a.weight.to(dtype),
-            self.lora_b.weight.to(dtype),
-            self.scaling,
-        )  # (..., out)
+        # base_layer(x) + scaling * lora_b(lora_a(dropout(x))), computed by LoRALinearFunction.
+        tensors = [x, self.base_layer.weight, self.base_layer.bias, self.lora_a.weight, self.lora_b.weight]
+        device_type = x.device.type
+        if device_type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device_type):
+            # What F.linear does under autocast: compute in the autocast precision.
+            dtype = torch.get_autocast_dtype(device_type)
+            tensors = [None if tensor is None else tensor.to(dtype) for tensor in tensors]
+        x, weight, bias, lora_a, lora_b = tensors
+        return LoRALinearFunction.apply(x, self.dropout(x), weight, bias, lora_a, lora_b, self.scaling)  # (..., out)
 
     @torch.no_grad()
     def merge(self) -> None:
