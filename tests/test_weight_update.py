@@ -132,6 +132,11 @@ def test_bad_arguments_are_refused_at_construction(kwargs, message):
         CoOptimizedWeightUpdate(**kwargs)
 
 
+def test_every_bad_argument_is_reported_at_once():
+    with pytest.raises(ValueError, match=r"method='x' .*; merge=1 .*; rank=0 .*; dropout=-1"):
+        CoOptimizedWeightUpdate(method="x", merge=1, rank=0, dropout=-1)
+
+
 def test_a_wrong_blocks_path_is_refused_in_setup_and_leaves_the_model_alone():
     module = Regression()
     with pytest.raises(ValueError, match=r"blocks='net.layers' does not resolve .*'net.blocks' \(3 blocks\)"):

@@ -11,7 +11,7 @@ import torch.nn as nn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from tinyfusion_pl.pruning.containers import resolve_block_container
-from tinyfusion_pl.pruning.lora import LoRALinear, check_lora_arguments, inject_lora, remove_lora
+from tinyfusion_pl.pruning.lora import LoRALinear, inject_lora, lora_argument_problems, remove_lora
 
 METHODS = ("lora", "full", "frozen")
 
@@ -24,6 +24,9 @@ class CoOptimizedWeightUpdate(L.Callback):
     freezes every original weight so that only the block gates learn. When fit ends (or fails) the model
     gets its original weights, plain Linear layers and requires_grad flags back (the paper's choice);
     merge=True keeps the learned update in the weights instead.
+
+        mask = DifferentiableBlockMask(blocks="net.blocks", pattern="2:4")
+        trainer = L.Trainer(max_steps=10_000, callbacks=[mask, CoOptimizedWeightUpdate(method="lora", rank=8)])
     """
 
     def __init__(
@@ -48,9 +51,9 @@ class CoOptimizedWeightUpdate(L.Callback):
             problems.append(f"merge={merge!r} must be True or False")
         elif merge and method == "frozen":
             problems.append("merge=True has nothing to merge with method='frozen'; drop merge or pick 'lora'/'full'")
+        problems += lora_argument_problems(rank, alpha, dropout)
         if problems:
             raise ValueError("Invalid CoOptimizedWeightUpdate arguments: " + "; ".join(problems) + ".")
-        check_lora_arguments(rank, alpha, dropout)
         self.method = method
         self.rank = rank
         self.alpha = alpha

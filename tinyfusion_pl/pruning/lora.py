@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 
-def check_lora_arguments(rank: int, alpha: float, dropout: float) -> None:
-    """Raise one ValueError naming every LoRA argument that is out of range."""
+def lora_argument_problems(rank: int, alpha: float, dropout: float) -> list[str]:
+    """One sentence per LoRA argument that is out of range (empty when all are valid)."""
     problems = []
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         problems.append(f"rank={rank!r} must be an integer >= 1 (the paper uses rank=8)")
@@ -18,6 +18,12 @@ def check_lora_arguments(rank: int, alpha: float, dropout: float) -> None:
         problems.append(f"alpha={alpha!r} must be a number > 0 (the paper uses alpha=16, scaling = alpha / rank)")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         problems.append(f"dropout={dropout!r} must be a probability in [0, 1) (0 disables it)")
+    return problems
+
+
+def check_lora_arguments(rank: int, alpha: float, dropout: float) -> None:
+    """Raise one ValueError naming every LoRA argument that is out of range."""
+    problems = lora_argument_problems(rank, alpha, dropout)
     if problems:
         raise ValueError("Invalid LoRA arguments: " + "; ".join(problems) + ".")
 
