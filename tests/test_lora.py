@@ -318,3 +318,18 @@ def test_remove_with_merge_keeps_the_learned_update():
 def test_state_dict_names_follow_the_wrapper_layout():
     wrapper = LoRALinear(nn.Linear(3, 2), rank=1)
     assert list(wrapper.state_dict()) == ["base_layer.weight", "base_layer.bias", "lora_a.weight", "lora_b.weight"]
+
+
+def test_inject_lora_leaves_multihead_attention_projections_alone():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    x = torch.randn(3, 5, 16)
+    expected = layer(x)
+    names = inject_lora(layer, rank=2)
+    # MultiheadAttention reads out_proj.weight itself; only the feed-forward Linears get adapters
+    assert sorted(names) == ["linear1", "linear2"]
+    assert isinstance(layer.self_attn.out_proj, nn.Linear)
+    torch.testing.assert_close(layer(x), expected)
+    with torch.no_grad():
+        layer.linear2.lora_b.fill_(0.5)
+    assert not torch.allclose(layer(x), expected)  # the adapters take part in the forward

@@ -116,6 +116,15 @@ class LoRALinear(nn.Module):
         return [self.lora_a.weight, self.lora_b.weight]
 
     @property
+    def weight(self) -> nn.Parameter:
+        """The base weight, for code that inspects `layer.weight` (e.g. nn.TransformerEncoderLayer's checks)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.base_layer.bias
+
+    @property
     def in_features(self) -> int:
         return self.base_layer.in_features
 
@@ -191,6 +200,8 @@ def inject_lora(
 
     `target=None` wraps every nn.Linear; otherwise a Linear is wrapped when its name, or the end of its
     dotted name, is in `target` (e.g. ["qkv", "mlp.fc1"]). The base layers are frozen, nothing is copied.
+    Linears owned by an nn.MultiheadAttention are left alone: it reads their `.weight` directly, past any
+    wrapper, so an adapter there would never take part in the forward.
     """
     check_lora_arguments(rank, alpha, dropout)
     if isinstance(root, (nn.Linear, LoRALinear)):
@@ -204,8 +215,11 @@ def inject_lora(
             f"root already holds LoRA adapters at {wrapped_names}. Call remove_lora(root) before injecting again."
         )
     # remove_duplicate=False: a Linear reachable under two names gets one wrapper, installed at both.
+    owned_by_attention = {id(child) for module in root.modules() if isinstance(module, nn.MultiheadAttention)
+                          for child in module.children()}
     linears = [
-        (name, module) for name, module in root.named_modules(remove_duplicate=False) if isinstance(module, nn.Linear)
+        (name, module) for name, module in root.named_modules(remove_duplicate=False)
+        if isinstance(module, nn.Linear) and id(module) not in owned_by_attention
     ]
     if target is not None:
         targets = [target] if isinstance(target, str) else list(target)
