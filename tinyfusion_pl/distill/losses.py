@@ -24,8 +24,12 @@ def within_k_sigma(hidden: torch.Tensor, k: float) -> torch.Tensor:
     fall outside the mask; a constant sample keeps nothing (sigma = 0).
     """
     values = hidden.detach().float()
-    std, mean = torch.std_mean(values, dim=tuple(range(1, values.ndim)), correction=0, keepdim=True)  # (N, 1, 1)
-    return (values - mean).abs_() < k * std  # (N, T, D)
+    dims = tuple(range(1, values.ndim))
+    # Squared deviations against k^2 * variance: the same test as |h - mu| < k sigma without abs or sqrt, and
+    # mean-then-deviation is both stable and several times faster than torch.std_mean's Welford pass on CPU.
+    squared_deviation = (values - values.mean(dim=dims, keepdim=True)).square_()  # (N, T, D)
+    variance = squared_deviation.mean(dim=dims, keepdim=True)  # (N, 1, 1)
+    return squared_deviation < (k * k) * variance  # (N, T, D)
 
 
 def masked_feature_mse(student: torch.Tensor, teacher: torch.Tensor, k: float | None = 2.0) -> torch.Tensor:
@@ -41,12 +45,12 @@ def masked_feature_mse(student: torch.Tensor, teacher: torch.Tensor, k: float | 
         )
     if k is not None and not k > 0:
         raise ValueError(f"k={k!r} must be > 0 (the paper uses 2), or None to keep every position.")
-    squared = (student.float() - teacher.detach().float()) ** 2  # (N, T, D)
-    dims = tuple(range(1, squared.ndim))
+    difference = student.float() - teacher.detach().float()  # (N, T, D)
+    dims = tuple(range(1, difference.ndim))
     if k is None:
-        return squared.mean(dim=dims)
-    keep = (within_k_sigma(student, k) & within_k_sigma(teacher, k)).to(squared.dtype)  # (N, T, D)
-    return (squared * keep).sum(dim=dims) / keep.sum(dim=dims).clamp(min=1.0)
+        return difference.square().mean(dim=dims)
+    keep = within_k_sigma(student, k) & within_k_sigma(teacher, k)  # (N, T, D)
+    return (difference * keep).square().sum(dim=dims) / keep.sum(dim=dims).clamp(min=1)
 
 
 def beta_schedule(step: int, total_steps: int, start: float = 1e-2, end: float = 0.0) -> float:
