@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from tinyfusion_pl.io import save_json
 from tinyfusion_pl.pruning.block_hooks import BlockMask, BlockMaskHooks
 from tinyfusion_pl.pruning.containers import resolve_block_container
 from tinyfusion_pl.pruning.dynamics import decision_dynamics_figure, save_figure_atomically
@@ -238,17 +237,7 @@ class DifferentiableBlockMask(Callback):
 
     def save_decision(self, path: str | os.PathLike) -> Path:
         """Write `decision()` as JSON at `path`, atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w") as stream:
-                json.dump(self.decision(), stream, indent=2)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
+        return save_json(self.decision(), path)
 
     def plot_dynamics(self, path: str | os.PathLike) -> Path:
         """Write the decision-dynamics PNG (kept blocks per group against the step) at `path`, atomically."""

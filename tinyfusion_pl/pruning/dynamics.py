@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
+from tinyfusion_pl.io import write_atomically
 from tinyfusion_pl.pruning.patterns import Group, enumerate_options, group_starts
 
 # Fully uncertain points stay faintly visible instead of vanishing.
@@ -48,15 +48,5 @@ def decision_dynamics_figure(history: Sequence[Mapping[str, Any]], groups: Seque
 
 
 def save_figure_atomically(figure: Figure, path: str | os.PathLike) -> Path:
-    """Write `figure` as a PNG at `path` via a temporary file in the same folder, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            figure.savefig(stream, format="png")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `figure` as a PNG at `path` atomically: readers never see half a file."""
+    return write_atomically(path, lambda temporary: figure.savefig(temporary, format="png"))
