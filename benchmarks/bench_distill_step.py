@@ -24,22 +24,29 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
-import os
-import platform
 import statistics
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
+# Run as a script, Python puts this folder first on sys.path, so the shared benchmark machinery imports as `common`.
+from common import (
+    add_model_arguments,
+    add_step_arguments,
+    input_size_for_tokens,
+    machine_description,
+    measure_memory_in_subprocess,
+    measured_settings,
+    nontrivial_dit,
+    parse_step_arguments,
+    peak_memory_of_steps,
+    report_to_parent,
+    time_interleaved,
+)
+
 from tinyfusion_pl.distill import DistillationModule, decision_pairing
 from tinyfusion_pl.io import save_json
-from tinyfusion_pl.models import DiT_models
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.pruning.export import prune_blocks
 from tinyfusion_pl.pruning.selectors import bk_sdm_blocks
@@ -50,38 +57,16 @@ TARGET_RATIO = 1.10  # masked KD step time / plain KD step time
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="DiT-Mini/2", choices=sorted(DiT_models), help="registry entry of the teacher")
-    parser.add_argument("--batch", type=int, default=16, help="samples per step")
-    parser.add_argument("--tokens", type=int, default=64, help="tokens per sample (a square grid of patches)")
+    add_model_arguments(parser, model_help="registry entry of the teacher")
     parser.add_argument("--sigma-k", type=float, default=2.0, help="k of the masked-KD mask")
     parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
-    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps per variant")
-    parser.add_argument("--steps", type=int, default=20, help="measured steps per variant")
-    parser.add_argument("--memory-steps", type=int, default=3, help="steps per variant in the memory subprocesses")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--measure-memory", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
-    arguments = parser.parse_args(argv)
-    grid = math.isqrt(arguments.tokens)
-    if grid * grid != arguments.tokens:
-        parser.error(f"--tokens={arguments.tokens} must be a perfect square (a grid of patches), e.g. 64 or 256.")
-    if arguments.batch < 1 or arguments.steps < 1 or arguments.warmup < 0 or arguments.memory_steps < 1:
-        parser.error("--batch, --steps and --memory-steps must be >= 1 and --warmup >= 0.")
-    return arguments
+    add_step_arguments(parser, VARIANTS)
+    return parse_step_arguments(parser, argv)
 
 
 def build_models(arguments: argparse.Namespace) -> tuple[nn.Module, nn.Module, list[int]]:
     """The teacher (every block made non-trivial) and its half-depth student, on the device."""
-    torch.manual_seed(arguments.seed)
-    patch_size = int(arguments.model.rsplit("/", 1)[1])
-    teacher = DiT_models[arguments.model](input_size=patch_size * math.isqrt(arguments.tokens))
-    # adaLN-Zero makes fresh blocks identities; a pretrained model's blocks are not, so perturb the zeros.
-    with torch.no_grad():
-        for parameter in teacher.parameters():
-            if parameter.requires_grad and not parameter.any():
-                parameter.normal_(std=0.02)
+    teacher = nontrivial_dit(arguments.model, input_size_for_tokens(arguments.model, arguments.tokens), arguments.seed)
     kept = bk_sdm_blocks(len(teacher.blocks))
     student = prune_blocks(teacher, "blocks", kept)
     return teacher.to(arguments.device), student.to(arguments.device), kept
@@ -129,43 +114,14 @@ def step_function(variant: str, module: DiffusionModule, arguments: argparse.Nam
     return step
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_interleaved(arguments: argparse.Namespace) -> dict[str, list[float]]:
+def time_variants(arguments: argparse.Namespace) -> dict[str, list[float]]:
     """Seconds per step of each variant, the order rotating every round after warm-up."""
     teacher, student, kept = build_models(arguments)
     batch = build_batch(student, arguments)
     steps = {name: step_function(name, build_module(name, teacher, copy.deepcopy(student), kept, arguments), arguments)
              for name in VARIANTS}
-    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for iteration in range(arguments.warmup + arguments.steps):
-        shift = iteration % len(VARIANTS)
-        for name in VARIANTS[shift:] + VARIANTS[:shift]:
-            synchronize(arguments.device)
-            start = time.perf_counter()
-            steps[name](batch)
-            synchronize(arguments.device)
-            if iteration >= arguments.warmup:
-                seconds[name].append(time.perf_counter() - start)
-    return seconds
-
-
-def process_status_megabytes(field: str) -> float:
-    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: resident high-water mark) in MiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 2**10  # reported in kB
-    raise RuntimeError(f"/proc/self/status has no {field} line: CPU peak memory needs Linux.")
-
-
-def reset_resident_peak() -> None:
-    """Set the resident high-water mark to the current resident size (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
+    seconds = time_interleaved(steps, batch, arguments.warmup, arguments.steps, arguments.device)
+    return {name: values["wall"] for name, values in seconds.items()}
 
 
 def measure_memory_here(arguments: argparse.Namespace) -> dict[str, float]:
@@ -174,30 +130,8 @@ def measure_memory_here(arguments: argparse.Namespace) -> dict[str, float]:
     batch = build_batch(student, arguments)
     step = step_function(arguments.measure_memory, build_module(arguments.measure_memory, teacher, student, kept,
                                                                  arguments), arguments)
-    if arguments.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated() / 2**20
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        reset_resident_peak()
-        baseline = process_status_megabytes("VmRSS")
-    for _ in range(arguments.memory_steps):
-        step(batch)
-    if arguments.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = process_status_megabytes("VmHWM")
-    return {"peak_mib": peak, "baseline_mib": baseline, "step_mib": peak - baseline}
-
-
-def measure_memory_in_subprocess(variant: str, arguments: argparse.Namespace) -> dict[str, float]:
-    """Run this script for one variant in a fresh interpreter, with the same settings, and read its result."""
-    settings = {key: value for key, value in vars(arguments).items() if key not in ("out", "measure_memory")}
-    flags = [f"--{key.replace('_', '-')}={value}" for key, value in settings.items() if value is not None]
-    command = [sys.executable, os.path.abspath(__file__), *flags, "--measure-memory", variant]
-    completed = subprocess.run(command, check=True, capture_output=True, text=True)
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    # The high-water mark restarts once the models are built, so the peak covers the training steps only.
+    return peak_memory_of_steps(step, batch, arguments.memory_steps, arguments.device, reset_peak=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -206,23 +140,16 @@ def main(argv: list[str] | None = None) -> dict:
     if arguments.threads is not None:
         torch.set_num_threads(arguments.threads)
     if arguments.measure_memory is not None:
-        print(json.dumps(measure_memory_here(arguments)))
+        report_to_parent(measure_memory_here(arguments))
         return {}
 
-    seconds = time_interleaved(arguments)
-    memory = {name: measure_memory_in_subprocess(name, arguments) for name in VARIANTS}
+    seconds = time_variants(arguments)
+    memory = {name: measure_memory_in_subprocess(__file__, name, arguments) for name in VARIANTS}
     median_ms = {name: 1000 * statistics.median(values) for name, values in seconds.items()}
     teacher, student, kept = build_models(arguments)
     results = {
-        "config": {key: value for key, value in vars(arguments).items() if key not in ("out", "measure_memory")},
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "load_average_1min": os.getloadavg()[0],
-            "device_name": torch.cuda.get_device_name() if arguments.device.startswith("cuda") else platform.processor(),
-        },
+        "config": measured_settings(arguments),
+        "machine": machine_description(arguments.device),
         "models": {"teacher_blocks": len(teacher.blocks), "student_blocks": len(student.blocks), "kept_blocks": kept,
                    "feature_pairs": [list(pair) for pair in decision_pairing(kept, len(teacher.blocks))]},
         "median_step_ms": median_ms,

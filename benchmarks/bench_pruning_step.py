@@ -29,21 +29,28 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
-import os
-import platform
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
-from tinyfusion_pl.models import DiT_models
+# Run as a script, Python puts this folder first on sys.path, so the shared benchmark machinery imports as `common`.
+from common import (
+    add_model_arguments,
+    add_step_arguments,
+    input_size_for_tokens,
+    machine_description,
+    measure_memory_in_subprocess,
+    measured_settings,
+    nontrivial_dit,
+    parse_step_arguments,
+    peak_memory_of_steps,
+    report_to_parent,
+    time_interleaved,
+)
+
+from tinyfusion_pl.io import save_json
 from tinyfusion_pl.objectives import GaussianDiffusion
 from tinyfusion_pl.pruning.block_hooks import BlockMaskHooks
 from tinyfusion_pl.pruning.gates import BlockGates
@@ -51,45 +58,26 @@ from tinyfusion_pl.pruning.lora import inject_lora
 from tinyfusion_pl.pruning.patterns import BlockPattern
 
 VARIANTS = ("plain", "pruning")
+# glibc serves blocks >= 64 KiB with mmap and unmaps them when freed, so resident memory follows the
+# live tensors instead of heap arenas that keep freed memory (which made the peaks depend on luck).
+MEMORY_SUBPROCESS_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="DiT-Mini/2", choices=sorted(DiT_models), help="registry entry")
-    parser.add_argument("--batch", type=int, default=16, help="samples per step")
-    parser.add_argument("--tokens", type=int, default=64, help="tokens per sample (a square grid of patches)")
+    add_model_arguments(parser, model_help="registry entry")
     parser.add_argument("--pattern", default="1:2", help="N:M block pattern of the pruning variant")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (gates get 10x)")
-    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps per variant")
-    parser.add_argument("--steps", type=int, default=20, help="measured steps per variant")
-    parser.add_argument("--memory-steps", type=int, default=3, help="steps per variant in the memory subprocesses")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--measure-memory", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
-    arguments = parser.parse_args(argv)
-    grid = math.isqrt(arguments.tokens)
-    if grid * grid != arguments.tokens:
-        parser.error(f"--tokens={arguments.tokens} must be a perfect square (a grid of patches), e.g. 64 or 256.")
-    if arguments.batch < 1 or arguments.steps < 1 or arguments.warmup < 0 or arguments.memory_steps < 1:
-        parser.error("--batch, --steps and --memory-steps must be >= 1 and --warmup >= 0.")
-    return arguments
+    add_step_arguments(parser, VARIANTS)
+    return parse_step_arguments(parser, argv)
 
 
 def build_dense_model(arguments: argparse.Namespace) -> nn.Module:
     """The registry DiT at the input size that gives --tokens tokens, with every block made non-trivial."""
-    torch.manual_seed(arguments.seed)
-    patch_size = int(arguments.model.rsplit("/", 1)[1])
-    model = DiT_models[arguments.model](input_size=patch_size * math.isqrt(arguments.tokens))
-    # adaLN-Zero makes fresh blocks identities; a pretrained model's blocks are not, so perturb the zeros.
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad and not parameter.any():
-                parameter.normal_(std=0.02)
-    return model.to(arguments.device)
+    input_size = input_size_for_tokens(arguments.model, arguments.tokens)
+    return nontrivial_dit(arguments.model, input_size, arguments.seed).to(arguments.device)
 
 
 def build_batch(model: nn.Module, arguments: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -160,38 +148,13 @@ def pruning_step_function(model: nn.Module, arguments: argparse.Namespace) -> Ca
 STEP_FUNCTIONS = {"plain": plain_step_function, "pruning": pruning_step_function}
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_interleaved(arguments: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+def time_variants(arguments: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     """Wall and process CPU seconds per step of each variant, steps alternating in ABBA order after warm-up."""
     dense = build_dense_model(arguments)
     batch = build_batch(dense, arguments)
     steps = {name: STEP_FUNCTIONS[name](copy.deepcopy(dense).train(), arguments) for name in VARIANTS}
     del dense
-    seconds: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in VARIANTS}
-    for iteration in range(arguments.warmup + arguments.steps):
-        order = VARIANTS if iteration % 2 == 0 else tuple(reversed(VARIANTS))
-        for name in order:
-            synchronize(arguments.device)
-            wall_start, cpu_start = time.perf_counter(), time.process_time()
-            steps[name](batch)
-            synchronize(arguments.device)
-            if iteration >= arguments.warmup:
-                seconds[name]["wall"].append(time.perf_counter() - wall_start)
-                seconds[name]["cpu"].append(time.process_time() - cpu_start)
-    return seconds
-
-
-def memory_status_mib(field: str) -> float:
-    """A memory line of /proc/self/status (VmRSS, VmHWM, ...) in MiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**10  # the kernel reports kB
-    raise RuntimeError(f"/proc/self/status has no {field} line; peak CPU memory is measured on Linux only.")
+    return time_interleaved(steps, batch, arguments.warmup, arguments.steps, arguments.device)
 
 
 def measure_memory_here(arguments: argparse.Namespace) -> dict[str, float]:
@@ -199,32 +162,8 @@ def measure_memory_here(arguments: argparse.Namespace) -> dict[str, float]:
     model = build_dense_model(arguments).train()
     batch = build_batch(model, arguments)
     step = STEP_FUNCTIONS[arguments.measure_memory](model, arguments)
-    if arguments.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated() / 2**20
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        baseline = memory_status_mib("VmRSS")
-    for _ in range(arguments.memory_steps):
-        step(batch)
-    if arguments.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = memory_status_mib("VmHWM")
-    return {"peak_mib": peak, "baseline_mib": baseline, "step_mib": peak - baseline}
-
-
-def measure_memory_in_subprocess(variant: str, arguments: argparse.Namespace) -> dict[str, float]:
-    """Run this script for one variant in a fresh interpreter, with the same settings, and read its result."""
-    settings = {key: value for key, value in vars(arguments).items() if key not in ("out", "measure_memory")}
-    flags = [f"--{key.replace('_', '-')}={value}" for key, value in settings.items() if value is not None]
-    command = [sys.executable, os.path.abspath(__file__), *flags, "--measure-memory", variant]
-    # glibc serves blocks >= 64 KiB with mmap and unmaps them when freed, so resident memory follows the
-    # live tensors instead of heap arenas that keep freed memory (which made the peaks depend on luck).
-    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    completed = subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    # The high-water mark is not reset: the peak counts from the process start, the baseline after construction.
+    return peak_memory_of_steps(step, batch, arguments.memory_steps, arguments.device, reset_peak=False)
 
 
 def parameter_counts(arguments: argparse.Namespace) -> dict[str, int]:
@@ -235,40 +174,25 @@ def parameter_counts(arguments: argparse.Namespace) -> dict[str, int]:
     return {"dense": total, "lora_adapters": adapters}
 
 
-def write_json_atomically(payload: dict, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".bench_pruning_step.", suffix=".tmp", dir=folder)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(payload, stream, indent=2)
-    os.replace(temporary, path)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Measure both variants, print the table, write the JSON when --out is given; return the results."""
     arguments = parse_arguments(argv)
     if arguments.threads is not None:
         torch.set_num_threads(arguments.threads)
     if arguments.measure_memory is not None:
-        print(json.dumps(measure_memory_here(arguments)))
+        report_to_parent(measure_memory_here(arguments))
         return {}
 
-    seconds = time_interleaved(arguments)
-    memory = {name: measure_memory_in_subprocess(name, arguments) for name in VARIANTS}
+    seconds = time_variants(arguments)
+    memory = {name: measure_memory_in_subprocess(__file__, name, arguments, MEMORY_SUBPROCESS_ENVIRONMENT)
+              for name in VARIANTS}
     median_ms = {name: 1000 * statistics.median(values["wall"]) for name, values in seconds.items()}
     median_cpu_ms = {name: 1000 * statistics.median(values["cpu"]) for name, values in seconds.items()}
     paired = [p / q for p, q in zip(seconds["pruning"]["wall"], seconds["plain"]["wall"], strict=True)]
     time_ratio = statistics.median(paired)
     results = {
-        "config": {key: value for key, value in vars(arguments).items() if key not in ("out", "measure_memory")},
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "load_average_1min": os.getloadavg()[0],
-            "device_name": torch.cuda.get_device_name() if arguments.device.startswith("cuda") else platform.processor(),
-        },
+        "config": measured_settings(arguments),
+        "machine": machine_description(arguments.device),
         "parameters": parameter_counts(arguments),
         "median_step_ms": median_ms,
         "median_step_cpu_ms": median_cpu_ms,
@@ -283,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print_table(results)
     if arguments.out is not None:
-        write_json_atomically(results, arguments.out)
+        save_json(results, arguments.out)
         print(f"wrote {arguments.out}")
     return results
 

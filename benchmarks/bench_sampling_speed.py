@@ -20,6 +20,9 @@ import platform
 import torch
 import torch.nn as nn
 
+# Run as a script, Python puts this folder first on sys.path, so the shared benchmark machinery imports as `common`.
+from common import add_machine_arguments, nontrivial_dit
+
 from tinyfusion_pl.evaluation import forward_flops, sampling_speed, speed_table
 from tinyfusion_pl.io import save_json
 from tinyfusion_pl.models import DiT_models
@@ -39,10 +42,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (> 1 doubles each batch)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per model")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per model")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    add_machine_arguments(parser)
     arguments = parser.parse_args(argv)
     if min(arguments.batch, arguments.steps, arguments.repeats, arguments.input_size) < 1 or arguments.warmup < 0:
         parser.error("--batch, --steps, --repeats and --input-size must be >= 1 and --warmup >= 0.")
@@ -51,13 +51,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_models(arguments: argparse.Namespace) -> dict[str, nn.Module]:
     """The dense registry DiT with non-trivial blocks, and a copy keeping blocks 0, 2, 4, ..."""
-    torch.manual_seed(arguments.seed)
-    dense = DiT_models[arguments.model](input_size=arguments.input_size)
-    # adaLN-Zero makes fresh blocks identities and the output zero; a trained model's are not, so perturb the zeros.
-    with torch.no_grad():
-        for parameter in dense.parameters():
-            if parameter.requires_grad and not parameter.any():
-                parameter.normal_(std=0.02)
+    dense = nontrivial_dit(arguments.model, arguments.input_size, arguments.seed)
     half = prune_blocks(dense, blocks="blocks", keep=range(0, len(dense.blocks), 2))
     return {"dense": dense.to(arguments.device).eval(), "half": half.to(arguments.device).eval()}
 

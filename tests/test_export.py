@@ -171,12 +171,13 @@ def test_nested_path_any_order_and_a_stored_depth(container):
 @pytest.mark.parametrize(
     ("keep", "error", "message"),
     [
-        ([0, 6], ValueError, r"indices \[6\] outside 'blocks', which has 6 blocks: use indices from 0 to 5"),
-        ([-1, 2], ValueError, r"indices \[-1\] outside .* \(negative indices are not accepted\)"),
-        ([1, 3, 1], ValueError, r"repeats blocks \[1\]; list each kept block of 'blocks' once"),
-        ([], ValueError, r"keep=\[\] is empty; keep at least one of the 6 blocks"),
-        ([0.5, 1], TypeError, r"must be an iterable of integer block indices into 'blocks' \(6 blocks\)"),
-        (None, TypeError, r"keep=None must be an iterable of integer block indices"),
+        ([0, 6], ValueError, r"keep=\[0, 6\] holds \[6\], outside the model's 6 blocks in 'blocks' \(valid indices: 0 to 5"),
+        ([-1, 2], ValueError, r"holds \[-1\], outside .* negative indices are not accepted\)"),
+        ([1, 3, 1], ValueError, r"keep=\[1, 3, 1\] lists \[1\] more than once; list each kept block once"),
+        ([], ValueError, r"keep=\[\] keeps nothing; keep at least one of the 6 blocks"),
+        ([0.5, 1], TypeError, r"keep=\[0.5, 1\] holds entries that are not integers. Pass keep as .* 0 to 5"),
+        ([True, 2], TypeError, r"keep=\[True, 2\] holds entries that are not integers"),
+        (None, TypeError, r"keep=None is not a list of block indices"),
     ],
 )
 def test_bad_keep_is_refused(keep, error, message):

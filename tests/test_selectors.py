@@ -175,20 +175,21 @@ def test_by_index_keeps_the_list_sorted_and_scores_it():
 
 
 @pytest.mark.parametrize(
-    ("kept_blocks", "num_keep", "message"),
+    ("kept_blocks", "num_keep", "error", "message"),
     [
-        ([0, 8], None, r"kept_blocks=\[0, 8\] holds \[8\], outside the model's 8 blocks \(valid indices: 0 to 7\)"),
-        ([-1, 2], None, r"holds \[-1\], outside"),
-        ([1, 3, 1], None, r"kept_blocks=\[1, 3, 1\] lists \[1\] more than once"),
-        ([0, 1, 2], 4, r"keeps 3 blocks but num_keep=4: list exactly 4 blocks"),
-        ([], None, r"kept_blocks=\[\] keeps nothing"),
-        ([0, 1.5], None, r"holds entries that are not integers"),
-        ([True, 2], None, r"holds entries that are not integers"),
-        ("0,2", None, r"kept_blocks='0,2' is not a list of block indices"),
+        ([0, 8], None, ValueError,
+         r"kept_blocks=\[0, 8\] holds \[8\], outside the model's 8 blocks \(valid indices: 0 to 7;"),
+        ([-1, 2], None, ValueError, r"holds \[-1\], outside .*negative indices are not accepted"),
+        ([1, 3, 1], None, ValueError, r"kept_blocks=\[1, 3, 1\] lists \[1\] more than once"),
+        ([0, 1, 2], 4, ValueError, r"keeps 3 blocks but num_keep=4: list exactly 4 blocks"),
+        ([], None, ValueError, r"kept_blocks=\[\] keeps nothing"),
+        ([0, 1.5], None, TypeError, r"holds entries that are not integers. Pass kept_blocks as a list"),
+        ([True, 2], None, TypeError, r"holds entries that are not integers"),
+        ("0,2", None, TypeError, r"kept_blocks='0,2' is not a list of block indices"),
     ],
 )
-def test_by_index_refuses_bad_lists_naming_the_problem(kept_blocks, num_keep, message):
-    with pytest.raises(ValueError, match=message):
+def test_by_index_refuses_bad_lists_naming_the_problem(kept_blocks, num_keep, error, message):
+    with pytest.raises(error, match=message):
         by_index(8, kept_blocks, num_keep=num_keep)
 
 

@@ -23,26 +23,35 @@ _RUNTIME_HOOK_TABLES = (
 )
 
 
-def check_kept_blocks(keep: Iterable[int], depth: int, blocks: str = "blocks") -> list[int]:
-    """Return `keep` as sorted block indices after checking they are unique integers in [0, depth)."""
+def check_kept_blocks(keep: Iterable[int], depth: int, blocks: str | None = "blocks", argument: str = "keep") -> list[int]:
+    """Return `keep` as sorted block indices after checking they are distinct integers in [0, depth).
+
+    `argument` is the name the caller's user wrote the list under, `blocks` the attribute path of the
+    block container (None when the caller has none), so every message points at what to change.
+    """
+    hint = f"Pass {argument} as a list of distinct block indices from 0 to {depth - 1}, e.g. [0, 2, 4]."
+    if isinstance(keep, (str, bytes)) or not isinstance(keep, Iterable):
+        raise TypeError(f"{argument}={keep!r} is not a list of block indices. {hint}")
+    entries = list(keep)
     try:
-        indices = [operator.index(index) for index in keep]
-    except TypeError as error:
-        raise TypeError(
-            f"keep={keep!r} must be an iterable of integer block indices into {blocks!r} ({depth} blocks), "
-            "e.g. keep=mask.kept_blocks."
-        ) from error
+        # A bool is an int to Python, but True in a list of blocks is a mistake, not block 1.
+        indices = [operator.index(entry) for entry in entries if not isinstance(entry, bool)]
+    except TypeError:
+        indices = []
+    if len(indices) != len(entries):
+        raise TypeError(f"{argument}={entries!r} holds entries that are not integers. {hint}")
     if not indices:
-        raise ValueError(f"keep={keep!r} is empty; keep at least one of the {depth} blocks of {blocks!r}.")
+        raise ValueError(f"{argument}=[] keeps nothing; keep at least one of the {depth} blocks. {hint}")
+    container = f" in {blocks!r}" if blocks is not None else ""
     out_of_range = [index for index in indices if not 0 <= index < depth]
     if out_of_range:
         raise ValueError(
-            f"keep={indices} holds indices {out_of_range} outside {blocks!r}, which has {depth} blocks: "
-            f"use indices from 0 to {depth - 1} (negative indices are not accepted)."
+            f"{argument}={indices} holds {out_of_range}, outside the model's {depth} blocks{container} "
+            f"(valid indices: 0 to {depth - 1}; negative indices are not accepted). {hint}"
         )
-    duplicates = sorted({index for index in indices if indices.count(index) > 1})
-    if duplicates:
-        raise ValueError(f"keep={indices} repeats blocks {duplicates}; list each kept block of {blocks!r} once.")
+    repeated = sorted({index for index in indices if indices.count(index) > 1})
+    if repeated:
+        raise ValueError(f"{argument}={indices} lists {repeated} more than once; list each kept block once.")
     return sorted(indices)
 
 

@@ -7,7 +7,6 @@ more worth keeping, so every selector keeps the N highest-scoring blocks of each
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from tinyfusion_pl.objectives import DiffusionObjective
 from tinyfusion_pl.pruning.block_hooks import BlockMaskHooks, HiddenStateArgument, split_hidden_output
 from tinyfusion_pl.pruning.calibration import Batch, calibration_loss, stratified_timesteps
 from tinyfusion_pl.pruning.containers import resolve_block_container
+from tinyfusion_pl.pruning.export import check_kept_blocks
 from tinyfusion_pl.pruning.patterns import BlockPattern, Group, group_starts
 
 # Shifts the stratified timesteps from batch to batch, so several batches cover more distinct noise levels.
@@ -223,7 +223,12 @@ def random_blocks(depth: int, groups: Sequence[Group], seed: int) -> Selection:
 
 def by_index(depth: int, kept_blocks: Sequence[int], num_keep: int | None = None) -> Selection:
     """Exactly the listed blocks, checked: integers, in range, unique, and `num_keep` of them when given."""
-    kept = _check_index_list(kept_blocks, depth, num_keep)
+    kept = check_kept_blocks(kept_blocks, depth, blocks=None, argument="kept_blocks")
+    if num_keep is not None and len(kept) != num_keep:
+        raise ValueError(
+            f"kept_blocks={kept} keeps {len(kept)} blocks but num_keep={num_keep}: list exactly {num_keep} "
+            "blocks, or set num_keep=null to accept any count."
+        )
     scores = [1.0 if block in kept else 0.0 for block in range(depth)]
     return Selection(kept, scores, [(len(kept), depth)])
 
@@ -245,33 +250,3 @@ def bk_sdm_blocks(depth: int) -> list[int]:
 def oracle(depth: int, kept_blocks: Sequence[int] | None = None) -> Selection:
     """A fixed expert list: `kept_blocks` when given, else BK-SDM's (0, 2, ..., 12, 15, ..., 27 for 28 blocks)."""
     return by_index(depth, bk_sdm_blocks(depth) if kept_blocks is None else kept_blocks)
-
-
-def _check_index_list(kept_blocks: Any, depth: int, num_keep: int | None) -> list[int]:
-    """`kept_blocks` as a sorted list after checking every way a hand-written list can be wrong."""
-    hint = f"Pass kept_blocks as a list of distinct block indices from 0 to {depth - 1}, e.g. [0, 2, 4]."
-    if isinstance(kept_blocks, (str, bytes)) or not isinstance(kept_blocks, Sequence):
-        raise ValueError(f"kept_blocks={kept_blocks!r} is not a list of block indices. {hint}")
-    try:
-        indices = [operator.index(index) for index in kept_blocks if not isinstance(index, bool)]
-    except TypeError:
-        indices = []
-    if len(indices) != len(kept_blocks):
-        raise ValueError(f"kept_blocks={list(kept_blocks)!r} holds entries that are not integers. {hint}")
-    if not indices:
-        raise ValueError(f"kept_blocks=[] keeps nothing; keep at least one of the {depth} blocks. {hint}")
-    out_of_range = [index for index in indices if not 0 <= index < depth]
-    if out_of_range:
-        raise ValueError(
-            f"kept_blocks={indices} holds {out_of_range}, outside the model's {depth} blocks "
-            f"(valid indices: 0 to {depth - 1}). {hint}"
-        )
-    repeated = sorted({index for index in indices if indices.count(index) > 1})
-    if repeated:
-        raise ValueError(f"kept_blocks={indices} lists {repeated} more than once; list each kept block once.")
-    if num_keep is not None and len(indices) != num_keep:
-        raise ValueError(
-            f"kept_blocks={indices} keeps {len(indices)} blocks but num_keep={num_keep}: list exactly {num_keep} "
-            "blocks, or set num_keep=null to accept any count."
-        )
-    return sorted(indices)

@@ -1,0 +1,206 @@
+"""What the step benchmarks share: their command line, a non-trivial DiT, interleaved timing, peak memory.
+
+Time: the variants' steps rotate (A B, B A, ... for two; A B C, B C A, C A B, ... for three) in one
+process, so drifts in machine load hit every variant alike; wall and process CPU seconds are recorded
+per step after warm-up.
+Peak memory: each variant runs alone in a fresh subprocess (this script again, with --measure-memory),
+so no variant inherits another's allocator cache. On CPU the figure is the kernel's high-water mark of
+this process's resident memory (VmHWM in /proc/self/status): it sees every short-lived peak, which
+sampling the RSS can miss, and costs nothing while running. getrusage's ru_maxrss would not do: Linux
+carries the parent's high-water mark over fork and exec into it. On CUDA the figure is
+torch.cuda.max_memory_allocated after reset_peak_memory_stats. The subprocess prints its result as
+the last line of its output, in JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from tinyfusion_pl.models import DiT_models
+
+# Whatever a benchmark's step function takes: a dict of tensors, a tuple (x, y), ...
+Batch = Any
+
+# Flags that say where results go or which mode runs, not what is measured.
+_NOT_SETTINGS = ("out", "measure_memory")
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """Add --model, --batch and --tokens: which DiT is stepped and on how much data."""
+    parser.add_argument("--model", default="DiT-Mini/2", choices=sorted(DiT_models), help=model_help)
+    parser.add_argument("--batch", type=int, default=16, help="samples per step")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per sample (a square grid of patches)")
+
+
+def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --threads, --device, --seed and --out, common to every benchmark."""
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def add_step_arguments(parser: argparse.ArgumentParser, variants: Sequence[str]) -> None:
+    """Add --warmup, --steps, --memory-steps, the machine flags and the internal --measure-memory."""
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps per variant")
+    parser.add_argument("--steps", type=int, default=20, help="measured steps per variant")
+    parser.add_argument("--memory-steps", type=int, default=3, help="steps per variant in the memory subprocesses")
+    add_machine_arguments(parser)
+    parser.add_argument("--measure-memory", choices=variants, default=None, help=argparse.SUPPRESS)
+
+
+def parse_step_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv` and refuse a non-square --tokens or step counts out of range."""
+    arguments = parser.parse_args(argv)
+    grid = math.isqrt(arguments.tokens)
+    if grid * grid != arguments.tokens:
+        parser.error(f"--tokens={arguments.tokens} must be a perfect square (a grid of patches), e.g. 64 or 256.")
+    if arguments.batch < 1 or arguments.steps < 1 or arguments.warmup < 0 or arguments.memory_steps < 1:
+        parser.error("--batch, --steps and --memory-steps must be >= 1 and --warmup >= 0.")
+    return arguments
+
+
+def measured_settings(arguments: argparse.Namespace) -> dict:
+    """The parsed flags that define the measurement (not --out, not --measure-memory)."""
+    return {key: value for key, value in vars(arguments).items() if key not in _NOT_SETTINGS}
+
+
+def machine_description(device: str) -> dict:
+    """Platform, torch version, threads, CPUs, load and device name, to read the timings against."""
+    return {
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
+    }
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def input_size_for_tokens(model_name: str, tokens: int) -> int:
+    """The latent side at which the registry DiT `model_name` sees `tokens` tokens (a square grid)."""
+    patch_size = int(model_name.rsplit("/", 1)[1])
+    return patch_size * math.isqrt(tokens)
+
+
+def nontrivial_dit(model_name: str, input_size: int, seed: int) -> nn.Module:
+    """The registry DiT built under `seed`, its zero-initialised weights perturbed so that every block acts."""
+    torch.manual_seed(seed)
+    model = DiT_models[model_name](input_size=input_size)
+    # adaLN-Zero makes fresh blocks identities and the output zero; a trained model's are not, so perturb the zeros.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad and not parameter.any():
+                parameter.normal_(std=0.02)
+    return model
+
+
+# ------------------------------------------------------------------------------------ time
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued CUDA kernels, so a timer read afterwards covers the work; no-op on CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(
+    steps: Mapping[str, Callable[[Batch], object]], batch: Batch, warmup: int, measured: int, device: str
+) -> dict[str, dict[str, list[float]]]:
+    """Wall and process CPU seconds of each measured step per variant, the order rotating every round."""
+    names = tuple(steps)
+    seconds: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
+    for iteration in range(warmup + measured):
+        shift = iteration % len(names)
+        for name in names[shift:] + names[:shift]:
+            synchronize(device)
+            wall_start, cpu_start = time.perf_counter(), time.process_time()
+            steps[name](batch)
+            synchronize(device)
+            if iteration >= warmup:
+                seconds[name]["wall"].append(time.perf_counter() - wall_start)
+                seconds[name]["cpu"].append(time.process_time() - cpu_start)
+    return seconds
+
+
+# ------------------------------------------------------------------------------------ memory
+
+
+def process_status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: resident high-water mark) in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 2**10  # the kernel reports kB
+    raise RuntimeError(f"/proc/self/status has no {field} line: CPU peak memory needs Linux.")
+
+
+def reset_resident_peak() -> None:
+    """Set the resident high-water mark to the current resident size (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def peak_memory_of_steps(
+    step: Callable[[Batch], object], batch: Batch, steps: int, device: str, reset_peak: bool
+) -> dict[str, float]:
+    """Peak, baseline (before the steps) and their difference, in MiB, over `steps` calls of `step(batch)`.
+
+    The difference is what the steps add: gradients, optimizer state, activations. On CPU the peak is
+    this process's VmHWM, which covers everything since the process began unless `reset_peak` restarts
+    it at the current resident size first.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        if reset_peak:
+            reset_resident_peak()
+        baseline = process_status_mib("VmRSS")
+    for _ in range(steps):
+        step(batch)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = process_status_mib("VmHWM")
+    return {"peak_mib": peak, "baseline_mib": baseline, "step_mib": peak - baseline}
+
+
+def report_to_parent(result: dict[str, float]) -> None:
+    """Print a subprocess's result as the last line of its output, where measure_memory_in_subprocess reads it."""
+    print(json.dumps(result))
+
+
+def measure_memory_in_subprocess(
+    script: str, variant: str, arguments: argparse.Namespace, environment: Mapping[str, str] | None = None
+) -> dict[str, float]:
+    """Run `script` for one variant in a fresh interpreter, with the same settings, and read its result.
+
+    `environment` adds variables to the subprocess's environment (for instance allocator settings).
+    """
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in measured_settings(arguments).items()
+             if value is not None]
+    command = [sys.executable, os.path.abspath(script), *flags, "--measure-memory", variant]
+    completed = subprocess.run(command, check=True, capture_output=True, text=True,
+                               env={**os.environ, **(environment or {})})
+    return json.loads(completed.stdout.strip().splitlines()[-1])
