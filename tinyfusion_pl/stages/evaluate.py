@@ -30,11 +30,9 @@ from tinyfusion_pl.evaluation.sampling import (
 )
 from tinyfusion_pl.evaluation.speed import count_blocks, sampling_speed
 from tinyfusion_pl.io import save_json
-from tinyfusion_pl.models import extract_state_dict, infer_dit_config, load_checkpoint_file
-from tinyfusion_pl.module import load_weights
 from tinyfusion_pl.stages.common import save_image_grid, stage_dir
 from tinyfusion_pl.stages.pretrain import is_embedded_default
-from tinyfusion_pl.stages.teacher import resolve_teacher_checkpoint
+from tinyfusion_pl.stages.teacher import load_net, resolve_teacher_checkpoint
 
 MODELS = ("teacher", "pruned")
 FID_MODES = ("auto", "digits", "inception", "none")
@@ -74,20 +72,6 @@ def pruned_checkpoint(cfg: DictConfig) -> Path:
         "Run stage=prune (and stage=recover) with this paths.run_dir first, pass "
         "evaluate.pruned_checkpoint=/path/to/model.pt, or evaluate only the teacher: evaluate.models=[teacher]."
     )
-
-
-def load_net(cfg: DictConfig, path: Path, registry_name: str | None = None) -> nn.Module:
-    """The configured model (or registry entry `registry_name`) with the checkpoint's depth, loaded strictly.
-
-    EMA weights are taken where the checkpoint has them.
-    """
-    state_dict = extract_state_dict(load_checkpoint_file(path), prefer="ema")
-    architecture = {"depth": infer_dit_config(state_dict)["depth"]}
-    if registry_name:
-        architecture["name"] = registry_name
-    net = instantiate(cfg.model, **architecture)
-    load_weights(net, state_dict)
-    return net
 
 
 def checkpoints_to_evaluate(cfg: DictConfig) -> dict[str, Path]:

@@ -12,12 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl.distill import DistillationModule, layer_pairing
 from tinyfusion_pl.io import save_json, save_torch
-from tinyfusion_pl.models import extract_state_dict, infer_dit_config, load_checkpoint_file
-from tinyfusion_pl.module import DiffusionModule, load_weights
+from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.pruning.calibration import calibration_batches, calibration_loss
 from tinyfusion_pl.stages.common import build_trainer, finish_loggers, stage_dir
 from tinyfusion_pl.stages.pretrain import checkpoint_payload, evaluate_digits_samples, sample_grid
 from tinyfusion_pl.stages.prune import BLOCKS, load_pruned
+from tinyfusion_pl.stages.teacher import load_net
 
 DISTILL_METHODS = ("none", "kd", "masked_kd")
 
@@ -47,13 +47,7 @@ def recovery_teacher(cfg: DictConfig, decision: dict[str, Any]) -> tuple[nn.Modu
     if not path.is_file():
         source = "teacher.checkpoint" if cfg.teacher.checkpoint else "the pruning teacher in decision.json"
         raise FileNotFoundError(f"{source}, {path}, does not exist. Pass teacher.checkpoint=/path/to/model.pt.")
-    state_dict = extract_state_dict(load_checkpoint_file(path), prefer="ema")
-    architecture = {"depth": infer_dit_config(state_dict)["depth"]}
-    if cfg.teacher.name:
-        architecture["name"] = cfg.teacher.name
-    net = instantiate(cfg.model, **architecture)
-    load_weights(net, state_dict)
-    return net, path
+    return load_net(cfg, path, cfg.teacher.name), path
 
 
 def build_recovery_module(

@@ -8,6 +8,7 @@ import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from tinyfusion_pl.models import extract_state_dict, infer_dit_config, load_checkpoint_file
 from tinyfusion_pl.module import load_weights
 from tinyfusion_pl.stages.pretrain import cached_teacher_path, is_embedded_default, run_pretrain
 
@@ -41,4 +42,18 @@ def build_teacher(cfg: DictConfig) -> nn.Module:
     """The configured model with the teacher's weights (EMA where the checkpoint has them)."""
     net = instantiate(cfg.model)
     load_weights(net, str(resolve_teacher_checkpoint(cfg)), prefer="ema")
+    return net
+
+
+def load_net(cfg: DictConfig, path: Path, registry_name: str | None = None) -> nn.Module:
+    """The configured model (or registry entry `registry_name`) with the checkpoint's depth, loaded strictly.
+
+    EMA weights are taken where the checkpoint has them.
+    """
+    state_dict = extract_state_dict(load_checkpoint_file(path), prefer="ema")
+    architecture = {"depth": infer_dit_config(state_dict)["depth"]}
+    if registry_name:
+        architecture["name"] = registry_name
+    net = instantiate(cfg.model, **architecture)
+    load_weights(net, state_dict)
     return net
