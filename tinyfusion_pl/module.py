@@ -14,7 +14,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tinyfusion_pl.evaluation.sampling import sample_images
 from tinyfusion_pl.models.checkpoints import extract_state_dict, load_checkpoint_file, load_dit_state_dict
 from tinyfusion_pl.models.dit import DiT
-from tinyfusion_pl.objectives import DiffusionObjective, GaussianDiffusion
+from tinyfusion_pl.objectives import DiffusionObjective, GaussianDiffusion, split_batch
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -74,17 +74,9 @@ class DiffusionModule(L.LightningModule):
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self.net(x, t, **cond)
 
-    @staticmethod
-    def split_batch(batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(x, y) -> (x, {'y': y}); a bare tensor -> (x, {})."""
-        if isinstance(batch, torch.Tensor):
-            return batch, {}
-        x, y = batch[0], batch[1]
-        return x, {"y": y}
-
     def diffusion_terms(self, batch: Any, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The objective's per-sample loss terms on one batch, at random timesteps and noise."""
-        x, cond = self.split_batch(batch)
+        x, cond = split_batch(batch)
         t = self.objective.sample_timesteps(x.shape[0], x.device, generator=generator)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         return self.objective.training_losses(self.net, x, t, noise=noise, model_kwargs=cond)

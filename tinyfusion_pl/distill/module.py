@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from tinyfusion_pl.distill.losses import Pair, beta_schedule, check_pairs, masked_feature_mse
 from tinyfusion_pl.module import DiffusionModule
-from tinyfusion_pl.objectives import DiffusionObjective
+from tinyfusion_pl.objectives import DiffusionObjective, split_batch
 from tinyfusion_pl.pruning.block_hooks import split_hidden_output
 from tinyfusion_pl.pruning.containers import resolve_block_container
 
@@ -148,7 +148,7 @@ class DistillationModule(DiffusionModule):
         self, batch: Any, feature_weight: float = 0.0, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Per-sample (N,) terms on one batch; "loss" = kd_weight * kd + gt_weight * gt + feature_weight * feat."""
-        x, cond = self.split_batch(batch)
+        x, cond = split_batch(batch)
         t = self.objective.sample_timesteps(x.shape[0], x.device, generator=generator)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         x_t = self.objective.q_sample(x, t, noise)  # (N, C, H, W)

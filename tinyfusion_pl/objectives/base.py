@@ -11,6 +11,13 @@ import torch
 Denoiser = Callable[..., torch.Tensor]
 
 
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The batch convention of every trainer here: (x, y) -> (x, {'y': y}); a bare tensor x -> (x, {})."""
+    if isinstance(batch, torch.Tensor):
+        return batch, {}
+    return batch[0], {"y": batch[1]}
+
 class DiffusionObjective(abc.ABC):
     """How a denoiser `model(x_t, t, **model_kwargs)` is trained and sampled (Gaussian diffusion, flow matching)."""
 

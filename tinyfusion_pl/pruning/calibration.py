@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from tinyfusion_pl.objectives import DiffusionObjective
+from tinyfusion_pl.objectives import DiffusionObjective, split_batch
 
 Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -22,8 +22,7 @@ def calibration_batches(datamodule: Any, count: int, seed: int = 0) -> list[Batc
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for batch in datamodule.train_dataloader():
-            x, y = (batch, None) if isinstance(batch, torch.Tensor) else (batch[0], batch[1])
-            batches.append((x, {} if y is None else {"y": y}))
+            batches.append(split_batch(batch))
             if len(batches) == count:
                 break
     return batches
