@@ -219,6 +219,7 @@ class DiT(nn.Module):
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.hidden_size = hidden_size
         self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
         self.num_classes = num_classes
         self.learn_sigma = learn_sigma
 

@@ -1,8 +1,15 @@
-"""The interface every training objective of a denoiser shares, and model-agnostic classifier-free guidance."""
+"""The interface every training objective of a denoiser shares, and model-agnostic classifier-free guidance.
+
+An objective owns everything about time: how training times are drawn (discrete steps for Gaussian
+diffusion, floats in [0, 1] for flow matching), how calibration spreads them, what the net receives, how a
+noisy input is formed, the training loss, the output distillation loss, and the sampler with its options.
+Stages, selectors, calibration and distillation talk to objectives only through this class.
+"""
 
 from __future__ import annotations
 
 import abc
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +17,8 @@ import torch
 
 Denoiser = Callable[..., torch.Tensor]
 
+# Keywords of `sample` that every objective takes and that are not the sampler's own options.
+_SAMPLE_ARGUMENTS = ("self", "model", "noise", "model_kwargs", "generator", "progress")
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -18,21 +27,50 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return batch, {}
     return batch[0], {"y": batch[1]}
 
+
 class DiffusionObjective(abc.ABC):
-    """How a denoiser `model(x_t, t, **model_kwargs)` is trained and sampled (Gaussian diffusion, flow matching)."""
+    """How a denoiser `model(x_t, model_timesteps(t), **model_kwargs)` is trained, distilled and sampled.
 
-    @property
+    The extension point for a new objective: implement the abstract methods; `training_losses` and
+    `check_sampler_options` come for free.
+    """
+
+    # ---------------------------------------------------------------- time
     @abc.abstractmethod
-    def num_timesteps(self) -> int:
-        """Number of discrete timesteps that `sample_timesteps` draws from."""
-
     def sample_timesteps(
         self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Draw one training timestep per sample, uniformly over range(num_timesteps), as a long tensor (N,)."""
-        return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+        """Draw one training time per sample (N,), in the objective's own units."""
 
     @abc.abstractmethod
+    def stratified_timesteps(self, batch_size: int, batch_index: int, device: torch.device | str) -> torch.Tensor:
+        """Deterministic times (N,) spread evenly over the training range, shifted from batch to batch.
+
+        Calibration losses use them: low variance, every noise level, the same for every model scored.
+        """
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The time values the net receives for times t (identity unless the objective maps them)."""
+        return t
+
+    # ---------------------------------------------------------------- losses
+    @abc.abstractmethod
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The noisy input x_t at times t for data x_start and the given noise."""
+
+    @abc.abstractmethod
+    def loss_terms(
+        self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample (N,) loss terms of an output computed on x_t = q_sample(x_start, t, noise); "loss" to optimise."""
+
+    @abc.abstractmethod
+    def distillation_terms(
+        self, student_output: torch.Tensor, teacher_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample (N,) output-distillation terms between two outputs on the same x_t and t; "kd" to optimise."""
+
     def training_losses(
         self,
         model: Denoiser,
@@ -41,8 +79,14 @@ class DiffusionObjective(abc.ABC):
         noise: torch.Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Return per-sample loss terms (shape (N,)); terms["loss"] is the one to optimise."""
+        """Noise x_start to times t, run the model, and return loss_terms' per-sample dict."""
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_t = self.q_sample(x_start, t, noise)
+        model_output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))
+        return self.loss_terms(model_output, x_start, x_t, t, noise)
 
+    # ---------------------------------------------------------------- sampling
     @abc.abstractmethod
     def sample(
         self,
@@ -51,7 +95,25 @@ class DiffusionObjective(abc.ABC):
         model_kwargs: dict[str, Any] | None = None,
         **sampler_options: Any,
     ) -> torch.Tensor:
-        """Turn the starting noise into samples of the data distribution."""
+        """Turn the starting noise into samples of the data distribution.
+
+        Every objective also accepts `progress` (a progress bar) and `generator` (the sampler's randomness).
+        """
+
+    def sampler_option_names(self) -> tuple[str, ...]:
+        """The options `sample` takes beyond the model, noise, conditioning, generator and progress bar."""
+        parameters = inspect.signature(self.sample).parameters
+        return tuple(name for name in parameters if name not in _SAMPLE_ARGUMENTS
+                     and parameters[name].kind is not inspect.Parameter.VAR_KEYWORD)
+
+    def check_sampler_options(self, options: dict[str, Any]) -> None:
+        """Refuse options this objective's sampler does not have, naming the ones it has."""
+        unknown = sorted(set(options) - set(self.sampler_option_names()))
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} has no sampler option {', '.join(map(repr, unknown))}; its options are "
+                f"{list(self.sampler_option_names())}. Remove the option or set it to null (sampling.<name>=null)."
+            )
 
 
 def classifier_free_guidance(
@@ -62,9 +124,36 @@ def classifier_free_guidance(
     The model runs on [x; x] with labels [y; null_label]; the first `guidance_channels` output channels become
     uncond + cfg_scale * (cond - uncond), the remaining channels (e.g. a learned variance) come from the
     conditional half. guidance_channels=None guides x.shape[1] channels: all of a plain prediction, only
-    the eps half of a learned-sigma output. DiT's published numbers use guidance_channels=3.
+    the eps half of a learned-sigma output. DiT's and SiT's published numbers use guidance_channels=3.
     Keyword arguments other than y are passed through unchanged.
     """
+    check_guidance_arguments(cfg_scale, null_label, guidance_channels)
+
+    def guided(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
+        batch_size = x.shape[0]
+        null_labels = torch.full_like(y, null_label)
+        output = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null_labels]), **model_kwargs)
+        return mix_guided_halves(output[:batch_size], output[batch_size:], cfg_scale, x.shape[1], guidance_channels)
+
+    return guided
+
+
+def mix_guided_halves(
+    conditional: torch.Tensor, unconditional: torch.Tensor, cfg_scale: float, noise_channels: int,
+    guidance_channels: int | None,
+) -> torch.Tensor:
+    """uncond + cfg_scale * (cond - uncond) on the guided channels, the conditional output on the rest."""
+    channels = noise_channels if guidance_channels is None else guidance_channels
+    if channels > conditional.shape[1]:
+        raise ValueError(
+            f"guidance_channels={channels} is invalid for a model output with {conditional.shape[1]} channels: "
+            f"use at most {conditional.shape[1]}, or None to guide the {noise_channels} noise channels."
+        )
+    mixed = unconditional[:, :channels] + cfg_scale * (conditional[:, :channels] - unconditional[:, :channels])
+    return torch.cat([mixed, conditional[:, channels:]], dim=1)  # (N, C_out, ...)
+
+
+def check_guidance_arguments(cfg_scale: float, null_label: int, guidance_channels: int | None) -> None:
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)):
         raise ValueError(f"cfg_scale={cfg_scale!r} is invalid: expected a number (1.0 means no guidance).")
     if isinstance(null_label, bool) or not isinstance(null_label, int) or null_label < 0:
@@ -79,19 +168,3 @@ def classifier_free_guidance(
             f"guidance_channels={guidance_channels!r} is invalid: expected a positive int or None "
             "(None guides all noise channels, 3 reproduces DiT's published numbers)."
         )
-
-    def guided(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
-        batch_size = x.shape[0]
-        null_labels = torch.full_like(y, null_label)
-        output = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null_labels]), **model_kwargs)
-        conditional, unconditional = output[:batch_size], output[batch_size:]  # (N, C_out, ...) each
-        channels = x.shape[1] if guidance_channels is None else guidance_channels
-        if channels > output.shape[1]:
-            raise ValueError(
-                f"guidance_channels={channels} is invalid for a model output with {output.shape[1]} channels: "
-                f"use at most {output.shape[1]}, or None to guide the {x.shape[1]} noise channels."
-            )
-        mixed = unconditional[:, :channels] + cfg_scale * (conditional[:, :channels] - unconditional[:, :channels])
-        return torch.cat([mixed, conditional[:, channels:]], dim=1)  # (N, C_out, ...)
-
-    return guided

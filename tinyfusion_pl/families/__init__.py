@@ -1,0 +1,30 @@
+"""Model families: one small description per kind of diffusion transformer (see base.ModelFamily).
+
+A new family goes here: its description (a ModelFamily subclass) in its own file, added to FAMILIES.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from tinyfusion_pl.families.base import ModelFamily
+from tinyfusion_pl.families.dit import DiTFamily
+
+# The most specific class first is not needed: family_of walks the net's class hierarchy.
+FAMILIES: tuple[ModelFamily, ...] = (DiTFamily(),)
+
+
+def family_of(net: nn.Module) -> ModelFamily:
+    """The family that describes `net`, found by its class (a subclass of a described class is described)."""
+    by_class = {family.model_class: family for family in FAMILIES}
+    for cls in type(net).__mro__:
+        if cls in by_class:
+            return by_class[cls]
+    known = ", ".join(f"{family.name} ({family.model_class.__name__})" for family in FAMILIES)
+    raise ValueError(
+        f"no model family describes {type(net).__name__}; known families: {known}. Describe it with a "
+        "ModelFamily subclass (tinyfusion_pl/families/) and add it to tinyfusion_pl.families.FAMILIES."
+    )
+
+
+__all__ = ["FAMILIES", "DiTFamily", "ModelFamily", "family_of"]

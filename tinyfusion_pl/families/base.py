@@ -1,0 +1,122 @@
+"""ModelFamily: the one description of a kind of diffusion transformer that generic code reads.
+
+Stages, selectors, calibration, distillation, evaluation and export never name an architecture or a
+parameter path: they ask the model's family where its blocks are, how it is conditioned, what one sample
+looks like, and how to rebuild it at another depth. A new family is a small subclass in this folder,
+registered in `tinyfusion_pl.families.FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from tinyfusion_pl.io import save_torch
+from tinyfusion_pl.models.checkpoints import extract_state_dict, load_checkpoint_file, load_dit_state_dict
+
+
+class ModelFamily:
+    """How generic code finds the blocks of a model, calls it, conditions it, and builds it at another depth.
+
+    The net is always called as `net(x, t, **condition)` and returns its prediction for x.
+    """
+
+    name: ClassVar[str]
+    model_class: ClassVar[type[nn.Module]]
+    # Dotted paths of the block containers under the net, in computation order.
+    blocks: ClassVar[tuple[str, ...]]
+    # The constructor keyword that sets the length of each container, in the same order.
+    depth_arguments: ClassVar[tuple[str, ...]]
+    # The keyword of the class label (None: unconditional) and of its forced drops (CFG training, KD).
+    label_argument: ClassVar[str | None] = "y"
+    label_drop_argument: ClassVar[str | None] = "force_drop_ids"
+
+    # ---------------------------------------------------------------- structure
+    def architecture(self, net: nn.Module) -> dict[str, Any]:
+        """The constructor keywords that rebuild `net` (depths included) with `build`."""
+        raise NotImplementedError
+
+    def build(self, **architecture: Any) -> nn.Module:
+        """A freshly initialised model of this family."""
+        return self.model_class(**architecture)
+
+    def sample_shape(self, net: nn.Module) -> tuple[int, ...]:
+        """The shape of one sample the net denoises, without the batch dimension, e.g. (C, H, W)."""
+        raise NotImplementedError
+
+    def block_path(self) -> str:
+        """The dotted path of the one block container of a single-sequence family."""
+        if len(self.blocks) != 1:
+            raise ValueError(f"the {self.name} family keeps its blocks in {len(self.blocks)} containers "
+                             f"{list(self.blocks)}; this operation needs a family with one.")
+        return self.blocks[0]
+
+    def block_counts(self, net: nn.Module) -> list[int]:
+        """The length of every block container of `net`, in computation order."""
+        return [len(net.get_submodule(path)) for path in self.blocks]
+
+    def at_depth(self, net: nn.Module, block_counts: Sequence[int]) -> nn.Module:
+        """A freshly initialised model like `net` but with `block_counts` blocks in its containers."""
+        if len(block_counts) != len(self.blocks):
+            raise ValueError(f"block_counts={list(block_counts)} gives {len(block_counts)} lengths for the "
+                             f"{len(self.blocks)} block containers {list(self.blocks)} of the {self.name} family.")
+        return self.build(**{**self.architecture(net), **dict(zip(self.depth_arguments, block_counts))})
+
+    def checkpoint_block_counts(self, state_dict: Mapping[str, torch.Tensor]) -> list[int]:
+        """The length of every block container that a state dict of this family holds weights for."""
+        counts = []
+        for path in self.blocks:
+            pattern = re.compile(re.escape(path) + r"\.(\d+)\.")
+            indices = {int(match.group(1)) for key in state_dict if (match := pattern.match(key))}
+            counts.append(max(indices) + 1 if indices else 0)
+        return counts
+
+    # ---------------------------------------------------------------- conditioning
+    def num_classes(self, net: nn.Module) -> int | None:
+        """Number of classes of a class-conditional net, None for an unconditional one."""
+        return None if self.label_argument is None else int(net.num_classes)
+
+    def null_label(self, net: nn.Module) -> int:
+        """The label that means "no class" (classifier-free guidance's unconditional branch)."""
+        return int(net.num_classes)
+
+    def label_dropout(self, net: nn.Module) -> float:
+        """The probability with which the net drops a label during training (0 when it never does)."""
+        return 0.0
+
+    def condition(self, labels: torch.Tensor | None, drop: torch.Tensor | None = None) -> dict[str, Any]:
+        """The keyword arguments that condition the net on `labels`, dropping those where `drop` is 1."""
+        if self.label_argument is None or labels is None:
+            return {}
+        condition: dict[str, Any] = {self.label_argument: labels}
+        if drop is not None and self.label_drop_argument is not None:
+            condition[self.label_drop_argument] = drop
+        return condition
+
+    # ---------------------------------------------------------------- saving and loading
+    def load_state_dict(self, net: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load strictly, or raise CheckpointMismatchError naming the missing, unexpected and misshapen keys."""
+        load_dit_state_dict(net, state_dict)
+
+    def save(self, net: nn.Module, path: str | os.PathLike) -> Path:
+        """Write the net in its family's own checkpoint format (here: a plain state dict), atomically."""
+        return save_torch(net.state_dict(), path)
+
+    def load(self, checkpoint: str | os.PathLike | Mapping[str, Any], like: nn.Module, prefer: str = "ema") -> nn.Module:
+        """The checkpoint's weights in a model built like `like` at the checkpoint's own depth, loaded strictly.
+
+        Any layout `extract_state_dict` reads: a plain state dict, {'model', 'ema'} (EMA preferred by
+        default) or a Lightning checkpoint. `like` supplies everything but the depth; it is not modified.
+        """
+        loaded = load_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+        state_dict = extract_state_dict(loaded, prefer=prefer)
+        counts = self.checkpoint_block_counts(state_dict)
+        net = self.at_depth(like, counts)
+        self.load_state_dict(net, state_dict)
+        return net
