@@ -21,6 +21,8 @@ DECODER_EDGE = 0.999
 LOG_TWO = math.log(2.0)
 # Floor for probabilities before a log, so an impossible bin costs a large finite loss, not inf.
 MIN_PROBABILITY = 1e-12
+# Calibration batches start their evenly spread steps this far apart, so batches see different steps.
+STRATIFIED_SHIFT_PER_BATCH = 7
 
 
 # --------------------------------------------------------------------------
@@ -167,6 +169,17 @@ class GaussianDiffusion(DiffusionObjective):
             table = getattr(self, name).to(device=t.device, dtype=table_dtype)
             self._device_tables[key] = table
         return table[t].to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+    def sample_timesteps(
+        self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Draw one training step per sample, uniformly over range(num_timesteps), as a long tensor (N,)."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+
+    def stratified_timesteps(self, batch_size: int, batch_index: int, device: torch.device | str) -> torch.Tensor:
+        """Steps spread evenly over [0, T) across the batch, shifted by 7 steps per batch index (N,) long."""
+        spread = torch.arange(batch_size, device=device) * self.num_timesteps // batch_size
+        return (spread + STRATIFIED_SHIFT_PER_BATCH * batch_index) % self.num_timesteps
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Map step indices of this process to the original timestep values the model was trained on."""
@@ -328,9 +341,9 @@ class GaussianDiffusion(DiffusionObjective):
     ) -> dict[str, torch.Tensor]:
         """Per-sample (N,) knowledge-distillation terms between two outputs on the same x_t and t.
 
-        kd_mse: mean squared difference of the eps predictions. kd_vb (learned sigma only, else zeros):
-        KL(p_teacher(x_{t-1} | x_t) || p_student(x_{t-1} | x_t)) in bits/dim with the student's mean
-        detached, so it trains the student's variance. The teacher output is detached.
+        kd = kd_mse + kd_vb. kd_mse: mean squared difference of the eps predictions. kd_vb (learned sigma
+        only, else zeros): KL(p_teacher(x_{t-1} | x_t) || p_student(x_{t-1} | x_t)) in bits/dim with the
+        student's mean detached, so it trains the student's variance. The teacher output is detached.
         """
         _check_timesteps(t, x_t)
         _check_same_shape("student_output", student_output, "teacher_output", teacher_output)
@@ -340,11 +353,13 @@ class GaussianDiffusion(DiffusionObjective):
         teacher_eps, teacher_variance = self.split_model_output(teacher_output.detach().to(dtype), x_t)
         kd_mse = mean_over_non_batch((teacher_eps - student_eps) ** 2)
         if student_variance is None:
-            return {"kd_mse": kd_mse, "kd_vb": torch.zeros_like(kd_mse)}
-        teacher = self._p_from_parts(teacher_eps, teacher_variance, x_t, t)
-        student = self._p_from_parts(student_eps.detach(), student_variance, x_t, t)
-        kl = normal_kl(teacher["mean"], teacher["log_variance"], student["mean"], student["log_variance"])
-        return {"kd_mse": kd_mse, "kd_vb": mean_over_non_batch(kl) / LOG_TWO}
+            kd_vb = torch.zeros_like(kd_mse)
+        else:
+            teacher = self._p_from_parts(teacher_eps, teacher_variance, x_t, t)
+            student = self._p_from_parts(student_eps.detach(), student_variance, x_t, t)
+            kl = normal_kl(teacher["mean"], teacher["log_variance"], student["mean"], student["log_variance"])
+            kd_vb = mean_over_non_batch(kl) / LOG_TWO
+        return {"kd": kd_mse + kd_vb, "kd_mse": kd_mse, "kd_vb": kd_vb}
 
     def training_losses(
         self,
