@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from tests.conftest import tiny_dit
-from tinyfusion_pl.objectives import GaussianDiffusion
+from tinyfusion_pl.objectives import DiffusionObjective, GaussianDiffusion
 from tinyfusion_pl.pruning.calibration import calibration_loss
 from tinyfusion_pl.pruning.export import prune_blocks
 from tinyfusion_pl.pruning.selectors import (
@@ -220,3 +220,46 @@ def test_scoring_runs_the_net_under_inference_mode_with_a_progress_bar(capsys):
     assert modes and all(modes)
     progress = capsys.readouterr().err
     assert "block influence" in progress and "sensitivity" in progress
+
+
+# ---------------------------------------------------------------------------------------- calibration
+
+
+class ContinuousTimeObjective(DiffusionObjective):
+    """A flow-matching-like objective with float times in [0, 1] that records what calibration feeds it."""
+
+    def __init__(self):
+        self.seen = []
+
+    def sample_timesteps(self, batch_size, device, generator=None):
+        return torch.rand(batch_size, device=device, generator=generator)
+
+    def stratified_timesteps(self, batch_size, batch_index, device):
+        return (torch.arange(batch_size, device=device) / batch_size + 0.1 * batch_index) % 1.0
+
+    def q_sample(self, x_start, t, noise=None):
+        return t.view(-1, 1, 1, 1) * x_start + (1 - t.view(-1, 1, 1, 1)) * noise
+
+    def loss_terms(self, model_output, x_start, x_t, t, noise):
+        self.seen.append((t.clone(), noise.clone()))
+        return {"loss": ((model_output - (x_start - noise)) ** 2).mean(dim=(1, 2, 3))}
+
+    def distillation_terms(self, student_output, teacher_output, x_t, t):
+        return {"kd": ((student_output - teacher_output) ** 2).mean(dim=(1, 2, 3))}
+
+    def sample(self, model, noise, model_kwargs=None, **sampler_options):
+        raise NotImplementedError
+
+
+def test_every_score_sees_the_objectives_stratified_times_and_the_same_noise():
+    objective, net, batches = ContinuousTimeObjective(), RotationNet(ANGLES), image_batches(count=2)
+    calibration_loss(net, objective, batches, seed=7)
+    bi_score(net, objective, batches, [(3, 6)], seed=7)
+    sensitivity(net, objective, batches, [(3, 6)], seed=7)
+    per_batch = [objective.seen[index::2] for index in range(2)]  # every scoring pass runs batch 0 then batch 1
+    assert len(objective.seen) == 2 * (1 + 1 + 1 + 6)
+    for index, seen in enumerate(per_batch):
+        expected_t = objective.stratified_timesteps(8, index, "cpu")
+        assert all(torch.equal(t, expected_t) and t.is_floating_point() for t, _ in seen)
+        assert all(torch.equal(noise, seen[0][1]) for _, noise in seen)
+    assert not torch.equal(per_batch[0][0][1], per_batch[1][0][1])  # fresh noise per batch

@@ -1,7 +1,12 @@
-"""Calibration loss: the diffusion loss of a model on fixed batches, timesteps and noise (no training)."""
+"""Calibration: fixed batches, times and noise on which models are scored without training.
+
+Every model scored on the same batches sees the same times (the objective's stratified times) and the
+same noise, so differences between models are not sampling noise.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,28 +33,40 @@ def calibration_batches(datamodule: Any, count: int, seed: int = 0) -> list[Batc
     return batches
 
 
-def stratified_timesteps(batch_size: int, num_timesteps: int, offset: int, device: torch.device) -> torch.Tensor:
-    """Timesteps spread evenly over [0, T) across the batch, shifted by `offset`: low variance, every noise level."""
-    spread = torch.arange(batch_size, device=device) * num_timesteps // batch_size
-    return (spread + offset) % num_timesteps
-
-
 @torch.inference_mode()
-def calibration_loss(
-    net: nn.Module, objective: DiffusionObjective, batches: list[Batch], seed: int = 0, progress: bool = False
-) -> float:
-    """Mean diffusion loss of `net` over `batches`, with the same timesteps and noise for every model it scores."""
+def calibration_losses(
+    net: nn.Module,
+    objective: DiffusionObjective,
+    batches: Sequence[Batch],
+    seed: int = 0,
+    progress: bool = False,
+    description: str = "calibration loss",
+) -> list[torch.Tensor]:
+    """The per-sample losses (N,) of `net` in eval mode on every batch, one tensor per batch.
+
+    Batch i is noised at `objective.stratified_timesteps(N, i, ...)` with noise drawn from `seed`, the same
+    for every model scored. Forward hooks on the net see every calibration forward (block influence uses this).
+    """
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
-    for index, (x, cond) in enumerate(tqdm(batches, desc="calibration loss", disable=not progress, leave=False)):
-        noise = torch.randn(x.shape, generator=generator).to(device)
-        t = stratified_timesteps(len(x), objective.num_timesteps, offset=index * 7, device=device)
-        terms = objective.training_losses(net, x.to(device), t, noise=noise,
-                                          model_kwargs={k: v.to(device) for k, v in cond.items()})
-        total += terms["loss"].sum().item()
-        count += len(x)
-    net.train(was_training)
-    return total / count
+    losses = []
+    try:
+        for index, (x, cond) in enumerate(tqdm(batches, desc=description, disable=not progress, leave=False)):
+            noise = torch.randn(x.shape, generator=generator).to(device)
+            t = objective.stratified_timesteps(len(x), index, device)
+            terms = objective.training_losses(net, x.to(device), t, noise=noise,
+                                              model_kwargs={name: value.to(device) for name, value in cond.items()})
+            losses.append(terms["loss"])
+    finally:
+        net.train(was_training)
+    return losses
+
+
+def calibration_loss(
+    net: nn.Module, objective: DiffusionObjective, batches: Sequence[Batch], seed: int = 0, progress: bool = False
+) -> float:
+    """Mean loss of `net` over `batches`, with the same times and noise for every model it scores."""
+    losses = calibration_losses(net, objective, batches, seed=seed, progress=progress)
+    return sum(loss.sum().item() for loss in losses) / sum(len(loss) for loss in losses)

@@ -18,13 +18,10 @@ from tqdm.auto import tqdm
 
 from tinyfusion_pl.objectives import DiffusionObjective
 from tinyfusion_pl.pruning.block_hooks import BlockMaskHooks, HiddenStateArgument, split_hidden_output
-from tinyfusion_pl.pruning.calibration import Batch, calibration_loss, stratified_timesteps
+from tinyfusion_pl.pruning.calibration import Batch, calibration_loss, calibration_losses
 from tinyfusion_pl.pruning.containers import resolve_block_container
 from tinyfusion_pl.pruning.export import check_kept_blocks
 from tinyfusion_pl.pruning.patterns import BlockPattern, Group, group_starts
-
-# Shifts the stratified timesteps from batch to batch, so several batches cover more distinct noise levels.
-_TIMESTEP_OFFSET_PER_BATCH = 7
 
 
 @dataclass(frozen=True)
@@ -125,7 +122,7 @@ def block_influence(
 
     handles = [block.register_forward_hook(recorder(index), with_kwargs=True) for index, block in enumerate(container)]
     try:
-        run_calibration_forwards(net, objective, batches, seed, progress, description="block influence")
+        calibration_losses(net, objective, batches, seed=seed, progress=progress, description="block influence")
     finally:
         for handle in handles:
             handle.remove()
@@ -147,12 +144,12 @@ def removal_costs(
     Every variant sees the same batches, timesteps and noise, so the differences are not sampling noise.
     """
     container = resolve_block_container(net, blocks)
-    full_loss = calibration_loss(net, objective, list(batches), seed=seed)
+    full_loss = calibration_loss(net, objective, batches, seed=seed)
     costs = torch.zeros(len(container), dtype=torch.float64)
     for skipped in tqdm(range(len(container)), desc="sensitivity", disable=not progress, leave=False):
         hooks = BlockMaskHooks(list(container), _skip_only(skipped), hidden_state=hidden_state)
         try:
-            costs[skipped] = calibration_loss(net, objective, list(batches), seed=seed) - full_loss
+            costs[skipped] = calibration_loss(net, objective, batches, seed=seed) - full_loss
         finally:
             hooks.remove()
     return costs
@@ -160,24 +157,6 @@ def removal_costs(
 
 def _skip_only(skipped: int) -> Callable[[int, torch.Tensor, nn.Module], bool]:
     return lambda index, hidden, block: index != skipped
-
-
-def run_calibration_forwards(
-    net: nn.Module, objective: DiffusionObjective, batches: Sequence[Batch], seed: int, progress: bool, description: str
-) -> None:
-    """Run `net` in eval mode on every calibration batch, noised at stratified timesteps with seeded noise."""
-    was_training = net.training
-    net.eval()
-    device = next(net.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    try:
-        for index, (x, cond) in enumerate(tqdm(batches, desc=description, disable=not progress, leave=False)):
-            noise = torch.randn(x.shape, generator=generator).to(device)
-            t = stratified_timesteps(len(x), objective.num_timesteps, index * _TIMESTEP_OFFSET_PER_BATCH, device)
-            objective.training_losses(net, x.to(device), t, noise=noise,
-                                      model_kwargs={name: value.to(device) for name, value in cond.items()})
-    finally:
-        net.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------- selectors
