@@ -200,8 +200,11 @@ def test_selection_groups_rank_globally_unless_a_pattern_is_given():
     assert selection_groups(28, keep_ratio=0.5) == [(14, 28)]
     assert selection_groups(8, pattern="1:2") == [(1, 2)] * 4
     assert selection_groups(8, keep_ratio=0.5, group_size=4) == [(2, 4), (2, 4)]
-    with pytest.raises(ValueError, match=r"keep_ratio=0.3 of 8 blocks is 2.4 blocks, not a whole number"):
+    with pytest.raises(ValueError, match=r"keep_ratio=0.3 with all 8 blocks in one group would keep 2.4 blocks "
+                                         r"per group, not a whole number.*realisable keep ratios are 0\.125, 0\.25"):
         selection_groups(8, keep_ratio=0.3)
+    with pytest.raises(ValueError, match=r"No pattern given"):
+        selection_groups(8)
     with pytest.raises(ValueError, match=r"keep_ratio=1.5 must be a number in \(0, 1\]"):
         selection_groups(8, keep_ratio=1.5)
 

@@ -70,6 +70,31 @@ def _keep_count(keep_ratio: float, size: int) -> int | None:
     return keep if keep >= 1 and math.isclose(keep / size, keep_ratio, abs_tol=_RATIO_TOLERANCE) else None
 
 
+def check_keep_ratio(keep_ratio: object) -> float:
+    """keep_ratio as a float; raise unless it is a number in (0, 1]."""
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+        raise ValueError(
+            f"keep_ratio={keep_ratio!r} must be a number in (0, 1], the fraction of blocks kept "
+            "(e.g. 0.5 keeps half the depth)."
+        )
+    return float(keep_ratio)
+
+
+def blocks_kept(keep_ratio: float, size: int, grouping: str) -> int:
+    """The N of a group of `size` blocks that keeps the fraction keep_ratio; raise listing the realisable ratios.
+
+    grouping names how the blocks are grouped, for the message: "with group_size=4", "with all 28 blocks in one group".
+    """
+    keep = _keep_count(keep_ratio, size)
+    if keep is None:
+        realisable = ", ".join(f"{k / size:.4g}" for k in range(1, size + 1))
+        raise ValueError(
+            f"keep_ratio={keep_ratio!r} {grouping} would keep {keep_ratio * size:.4g} blocks per group, not a whole "
+            f"number. {grouping[0].upper()}{grouping[1:]} the realisable keep ratios are {realisable}."
+        )
+    return keep
+
+
 def _as_int(value: object) -> int | None:
     if isinstance(value, bool):
         return None
@@ -151,27 +176,17 @@ class BlockPattern:
 
     @classmethod
     def _parse_ratio(cls, keep_ratio: object, group_size: object) -> BlockPattern:
-        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
-            raise ValueError(
-                f"keep_ratio={keep_ratio!r} must be a number in (0, 1], the fraction of blocks kept "
-                "(e.g. 0.5 keeps half the depth)."
-            )
+        ratio = check_keep_ratio(keep_ratio)
         if group_size is None:
-            return cls(keep_ratio=float(keep_ratio))
+            return cls(keep_ratio=ratio)
         size = _as_int(group_size)
         if size is None or size < 1:
             raise ValueError(
                 f"group_size={group_size!r} must be a positive integer, the M of N:M (e.g. 4 for groups of 4)."
             )
-        keep = _keep_count(keep_ratio, size)
-        if keep is None:
-            realisable = ", ".join(f"{k / size:.4g}" for k in range(1, size + 1))
-            raise ValueError(
-                f"keep_ratio={keep_ratio!r} with group_size={size} would keep {keep_ratio * size:.4g} blocks per "
-                f"group, not a whole number. With group_size={size} the realisable keep ratios are {realisable}."
-            )
+        keep = blocks_kept(ratio, size, grouping=f"with group_size={size}")
         _check_group(keep, size, where=f"keep_ratio={keep_ratio!r} with group_size={size}")
-        return cls(keep_ratio=float(keep_ratio), group_size=size)
+        return cls(keep_ratio=ratio, group_size=size)
 
     @property
     def fixed_groups(self) -> list[Group] | None:

@@ -6,7 +6,6 @@ more worth keeping, so every selector keeps the N highest-scoring blocks of each
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ from tinyfusion_pl.pruning.block_hooks import BlockMaskHooks, HiddenStateArgumen
 from tinyfusion_pl.pruning.calibration import Batch, calibration_loss, calibration_losses
 from tinyfusion_pl.pruning.containers import resolve_block_container
 from tinyfusion_pl.pruning.export import check_kept_blocks
-from tinyfusion_pl.pruning.patterns import BlockPattern, Group, group_starts
+from tinyfusion_pl.pruning.patterns import BlockPattern, Group, blocks_kept, group_starts
 
 
 @dataclass(frozen=True)
@@ -59,21 +58,11 @@ def selection_groups(
 
     keep_ratio alone (no group_size) ranks all blocks together, as ShortGPT and sensitivity analysis do.
     """
-    if pattern is not None or group_size is not None:
-        return BlockPattern.parse(pattern, keep_ratio, group_size).groups_for_depth(depth)
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
-        raise ValueError(
-            f"keep_ratio={keep_ratio!r} must be a number in (0, 1], the fraction of the {depth} blocks kept "
-            "(e.g. 0.5 keeps half the depth), or give pattern='N:M'."
-        )
-    keep = round(keep_ratio * depth)
-    if keep < 1 or not math.isclose(keep / depth, keep_ratio, abs_tol=1e-4):
-        realisable = ", ".join(f"{count / depth:.4g}" for count in range(1, depth + 1))
-        raise ValueError(
-            f"keep_ratio={keep_ratio!r} of {depth} blocks is {keep_ratio * depth:.4g} blocks, not a whole number. "
-            f"Realisable keep ratios on {depth} blocks: {realisable}."
-        )
-    return [(keep, depth)]
+    request = BlockPattern.parse(pattern, keep_ratio, group_size)
+    if request.keep_ratio is not None and request.group_size is None:
+        keep = blocks_kept(request.keep_ratio, depth, grouping=f"with all {depth} blocks in one group")
+        return [(keep, depth)]
+    return request.groups_for_depth(depth)
 
 
 def keep_highest(scores: torch.Tensor, groups: Sequence[Group]) -> list[int]:
