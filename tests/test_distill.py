@@ -68,7 +68,7 @@ def test_masked_mse_compares_only_positions_inside_both_masks():
     student = torch.tensor([0.0] * 9 + [100.0]).view(1, 10, 1)
     teacher = torch.tensor([1.0] * 8 + [100.0, 1.0]).view(1, 10, 1)
     assert within_k_sigma(teacher, 2.0).flatten().tolist() == [True] * 8 + [False, True]
-    assert masked_feature_mse(student, teacher, k=2.0).tolist() == [1.0]
+    assert masked_feature_mse(student, teacher, k=2.0, form="both_masks").tolist() == [1.0]
     # Unmasked: mean of 8 * 1 + (0 - 100)^2 + (100 - 1)^2 over 10 positions.
     unmasked = (8 * 1.0 + 100.0**2 + 99.0**2) / 10
     assert masked_feature_mse(student, teacher, k=None).item() == pytest.approx(unmasked)
@@ -77,10 +77,44 @@ def test_masked_mse_compares_only_positions_inside_both_masks():
 def test_masked_mse_gradient_reaches_only_kept_student_positions():
     student = torch.tensor([0.0] * 9 + [100.0]).view(1, 10, 1).requires_grad_(True)
     teacher = torch.tensor([1.0] * 8 + [100.0, 1.0]).view(1, 10, 1).requires_grad_(True)
-    masked_feature_mse(student, teacher, k=2.0).sum().backward()
+    masked_feature_mse(student, teacher, k=2.0, form="both_masks").sum().backward()
     # d/ds of mean over the 8 kept positions of (s - t)^2 = 2 (s - t) / 8 = -0.25 there, 0 elsewhere.
     assert student.grad.flatten().tolist() == [-0.25] * 8 + [0.0, 0.0]
     assert teacher.grad is None
+
+
+def test_reference_form_masks_each_side_by_its_own_mask_and_averages_over_all_positions():
+    # Each side keeps its own non-outliers; position 8 (teacher's outlier) compares s=0 with 0, position 9
+    # (student's outlier) compares 0 with t=1: squared differences 1 at 0..7, 0 at 8, 1 at 9, over 10 positions.
+    student = torch.tensor([0.0] * 9 + [100.0]).view(1, 10, 1).requires_grad_(True)
+    teacher = torch.tensor([1.0] * 8 + [100.0, 1.0]).view(1, 10, 1)
+    loss = masked_feature_mse(student, teacher, k=2.0)  # the default form is the reference code's
+    assert loss.item() == pytest.approx(0.9)
+    loss.sum().backward()
+    # d/ds of mean_10((m_s s - m_t t)^2) = 2 m_s (m_s s - m_t t) / 10: -0.2 at 0..7, 0 at 8 (t masked), 0 at 9 (s masked)
+    assert student.grad.flatten().tolist() == pytest.approx([-0.2] * 8 + [0.0, 0.0])
+
+
+def reference_masked_mse(student: torch.Tensor, teacher: torch.Tensor, k: float) -> torch.Tensor:
+    """The paper's formula written out: per sample, mask = |h - mean| < k * std (unbiased), mean over all."""
+    def masked(hidden):
+        flat = hidden.double().flatten(1)
+        mean, std = flat.mean(dim=1, keepdim=True), flat.std(dim=1, keepdim=True)  # std: unbiased
+        return flat * ((flat - mean).abs() < k * std)
+    return ((masked(student) - masked(teacher)) ** 2).mean(dim=1)
+
+
+def test_reference_form_matches_the_formula_on_random_hidden_states_with_massive_activations():
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 3, 16, 32, generator=generator)
+    student[:, :, 5] += 200.0  # one massive channel in each, at different channels
+    teacher[:, :, 9] -= 150.0
+    expected = reference_masked_mse(student, teacher, 2.0)
+    torch.testing.assert_close(masked_feature_mse(student, teacher, k=2.0).double(), expected, rtol=1e-5, atol=1e-6)
+    # The two forms differ here: positions inside one mask only count in the reference form.
+    assert not torch.allclose(masked_feature_mse(student, teacher, 2.0, form="both_masks").double(), expected)
+    with pytest.raises(ValueError, match=r"form='both' is not one of \('reference', 'both_masks'\)"):
+        masked_feature_mse(student, teacher, form="both")
 
 
 def test_masked_mse_is_per_sample_and_refuses_mismatched_shapes():

@@ -12,8 +12,8 @@ import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from tinyfusion_pl.evaluation.sampling import sample_images
-from tinyfusion_pl.models.checkpoints import extract_state_dict, load_checkpoint_file, load_dit_state_dict
-from tinyfusion_pl.models.dit import DiT
+from tinyfusion_pl.families import find_family
+from tinyfusion_pl.models.checkpoints import extract_state_dict, load_checkpoint_file
 from tinyfusion_pl.objectives import DiffusionObjective, GaussianDiffusion, split_batch
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -23,8 +23,9 @@ def load_weights(net: nn.Module, checkpoint: str | dict, prefer: str = "ema") ->
     """Load a checkpoint file or object (plain, reference {'model','ema'} or Lightning) into `net`, strictly."""
     loaded = load_checkpoint_file(checkpoint) if isinstance(checkpoint, str) else checkpoint
     state_dict = extract_state_dict(loaded, prefer=prefer)
-    if isinstance(net, DiT):
-        load_dit_state_dict(net, state_dict)
+    family = find_family(net)
+    if family is not None:
+        family.load_state_dict(net, state_dict)  # a mismatch is explained key by key
     else:
         net.load_state_dict(state_dict, strict=True)
 
@@ -157,24 +158,22 @@ class DiffusionModule(L.LightningModule):
     def sample(
         self,
         labels: torch.Tensor,
-        steps: int | str = 250,
-        method: str = "ddpm",
         cfg_scale: float = 1.0,
         guidance_channels: int | None = None,
-        eta: float = 0.0,
-        clip_denoised: bool = False,
         use_ema: bool = True,
         seed: int = 0,
         progress: bool = False,
+        **sampler_options: Any,
     ) -> torch.Tensor:
         """Class-conditional samples (N, C, H, W) for `labels` from the EMA net, with CFG when cfg_scale > 1.
 
-        The options are those of `tinyfusion_pl.evaluation.sample_images`, which draws them in one batch.
+        `sampler_options` are the objective's (GaussianDiffusion: steps, method, eta, clip_denoised;
+        FlowMatching: steps, method); `tinyfusion_pl.evaluation.sample_images` draws them in one batch.
         """
-        return sample_images(self.sampling_net(use_ema), self.objective, labels, steps=steps, method=method,
-                             cfg_scale=cfg_scale, guidance_channels=guidance_channels, eta=eta,
-                             clip_denoised=clip_denoised, batch_size=max(len(labels), 1), seed=seed,
-                             progress=progress).to(self.device)
+        return sample_images(self.sampling_net(use_ema), self.objective, labels, cfg_scale=cfg_scale,
+                             guidance_channels=guidance_channels, batch_size=max(len(labels), 1), seed=seed,
+                             progress=progress, **sampler_options).to(self.device)
+
 
 def _parameter_shapes(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     return [(name, tuple(p.shape)) for name, p in module.named_parameters()]

@@ -17,11 +17,15 @@ Pair = tuple[int, int]  # (student block, teacher block) whose output hidden sta
 PAIRINGS = ("decision", "reference")
 
 
-def within_k_sigma(hidden: torch.Tensor, k: float) -> torch.Tensor:
+FEATURE_LOSS_FORMS = ("reference", "both_masks")
+
+
+def within_k_sigma(hidden: torch.Tensor, k: float, unbiased: bool = False) -> torch.Tensor:
     """Bool mask of the positions with |h - mu| < k * sigma, mu and sigma per sample over all other dims.
 
-    sigma is the population standard deviation. Massive activations (a few channels with huge values)
-    fall outside the mask; a constant sample keeps nothing (sigma = 0).
+    sigma is the population standard deviation, or the unbiased one (n - 1 in the denominator, torch.std's
+    default, what the reference code uses) with unbiased=True. Massive activations (a few channels with
+    huge values) fall outside the mask; a constant sample keeps nothing (sigma = 0).
     """
     values = hidden.detach().float()
     dims = tuple(range(1, values.ndim))
@@ -29,14 +33,22 @@ def within_k_sigma(hidden: torch.Tensor, k: float) -> torch.Tensor:
     # mean-then-deviation is both stable and several times faster than torch.std_mean's Welford pass on CPU.
     squared_deviation = (values - values.mean(dim=dims, keepdim=True)).square_()  # (N, T, D)
     variance = squared_deviation.mean(dim=dims, keepdim=True)  # (N, 1, 1)
+    if unbiased:
+        count = squared_deviation[0].numel()
+        variance = variance * (count / max(count - 1, 1))
     return squared_deviation < (k * k) * variance  # (N, T, D)
 
 
-def masked_feature_mse(student: torch.Tensor, teacher: torch.Tensor, k: float | None = 2.0) -> torch.Tensor:
-    """Per-sample (N,) MSE between hidden states over the positions within k sigma in BOTH of them.
+def masked_feature_mse(
+    student: torch.Tensor, teacher: torch.Tensor, k: float | None = 2.0, form: str = "reference"
+) -> torch.Tensor:
+    """Per-sample (N,) masked MSE between two hidden states (N, T, D); the teacher side carries no gradient.
 
-    k=None compares every position (plain representation KD, which diverges on DiTs). A sample with no
-    position kept contributes 0. The teacher side carries no gradient.
+    form="reference" (the paper's code): each side is multiplied by its OWN k-sigma mask (unbiased std) and
+    the squared difference is averaged over ALL positions, mean((m_s * h_s - m_t * h_t)^2): a position inside
+    one mask only is compared with zero. form="both_masks": only positions inside both masks (population
+    std) are compared, and the sum is divided by their count (a sample with none contributes 0).
+    k=None compares every position in either form (plain representation KD, which diverges on DiTs).
     """
     if student.shape != teacher.shape:
         raise ValueError(
@@ -45,12 +57,18 @@ def masked_feature_mse(student: torch.Tensor, teacher: torch.Tensor, k: float | 
         )
     if k is not None and not k > 0:
         raise ValueError(f"k={k!r} must be > 0 (the paper uses 2), or None to keep every position.")
-    difference = student.float() - teacher.detach().float()  # (N, T, D)
-    dims = tuple(range(1, difference.ndim))
+    if form not in FEATURE_LOSS_FORMS:
+        raise ValueError(f"form={form!r} is not one of {FEATURE_LOSS_FORMS} ('reference' is the paper's code).")
+    student_values, teacher_values = student.float(), teacher.detach().float()
+    dims = tuple(range(1, student_values.ndim))
     if k is None:
-        return difference.square().mean(dim=dims)
+        return (student_values - teacher_values).square().mean(dim=dims)
+    if form == "reference":
+        masked_student = student_values * within_k_sigma(student, k, unbiased=True)  # (N, T, D)
+        masked_teacher = teacher_values * within_k_sigma(teacher, k, unbiased=True)  # (N, T, D)
+        return (masked_student - masked_teacher).square().mean(dim=dims)
     keep = within_k_sigma(student, k) & within_k_sigma(teacher, k)  # (N, T, D)
-    return (difference * keep).square().sum(dim=dims) / keep.sum(dim=dims).clamp(min=1)
+    return ((student_values - teacher_values) * keep).square().sum(dim=dims) / keep.sum(dim=dims).clamp(min=1)
 
 
 def beta_schedule(step: int, total_steps: int, start: float = 1e-2, end: float = 0.0) -> float:

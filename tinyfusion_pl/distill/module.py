@@ -9,13 +9,20 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from tinyfusion_pl.distill.losses import Pair, beta_schedule, check_pairs, masked_feature_mse
+from tinyfusion_pl.distill.losses import (
+    FEATURE_LOSS_FORMS,
+    Pair,
+    beta_schedule,
+    check_pairs,
+    masked_feature_mse,
+)
+from tinyfusion_pl.families import find_family
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.objectives import DiffusionObjective, split_batch
 from tinyfusion_pl.pruning.block_hooks import split_hidden_output
 from tinyfusion_pl.pruning.containers import resolve_block_container
 
-# What the module asks of its objective beyond DiffusionObjective: GaussianDiffusion provides all of them.
+# What the module asks of its objective: every DiffusionObjective has them.
 _OBJECTIVE_METHODS = ("q_sample", "model_timesteps", "loss_terms", "distillation_terms")
 
 
@@ -67,11 +74,13 @@ class FeatureCapture:
 class DistillationModule(DiffusionModule):
     """Fine-tunes a student with loss = kd_weight * KD + gt_weight * GT (+ beta * masked FEAT) from a frozen teacher.
 
-    Both nets see the same noisy input, timestep and classifier-free-guidance label drops (drawn once
-    and passed to both as force_drop_ids). KD is the objective's output distillation (eps MSE plus the
-    learned-variance KL); FEAT is the masked representation loss over `feature_pairs` of
-    (student block, teacher block), with beta decaying linearly from feature_weight[0] to feature_weight[1]
-    over the run. Other keyword arguments go to DiffusionModule (lr, lr_schedule, ema_decay, ...).
+    Both nets see the same noisy input, time and classifier-free-guidance label drops (drawn once and passed
+    to both the way the net's family says). KD is the objective's output distillation (GaussianDiffusion:
+    eps MSE plus the learned-variance KL; FlowMatching: velocity MSE); FEAT is the masked representation loss
+    (`feature_loss`: 'reference' or 'both_masks', see masked_feature_mse) over `feature_pairs` of
+    (student block, teacher block) in the block container `blocks` (default: the family's), with beta
+    decaying linearly from feature_weight[0] to feature_weight[1] over the run. Other keyword arguments go
+    to DiffusionModule (lr, lr_schedule, ema_decay, ...).
     """
 
     def __init__(
@@ -84,7 +93,8 @@ class DistillationModule(DiffusionModule):
         feature_pairs: Sequence[Sequence[int]] | None = None,
         feature_weight: Sequence[float] = (1e-2, 0.0),
         sigma_k: float | None = 2.0,
-        blocks: str = "blocks",
+        blocks: str | None = None,
+        feature_loss: str = "reference",
         skip_nonfinite_steps: bool = True,
         **module_kwargs: Any,
     ) -> None:
@@ -94,28 +104,35 @@ class DistillationModule(DiffusionModule):
         teacher = FrozenTeacher(teacher)
         super().__init__(net, objective=objective, skip_nonfinite_steps=skip_nonfinite_steps, **module_kwargs)
         self.save_hyperparameters(ignore=["net", "objective", "teacher"])
-        self._check_arguments(kd_weight, gt_weight, feature_weight, sigma_k)
+        self._check_arguments(kd_weight, gt_weight, feature_weight, sigma_k, feature_loss)
         self.teacher = teacher
+        self.family = find_family(net)
+        if blocks is None and self.family is None:
+            raise ValueError(f"no model family describes {type(net).__name__}: pass blocks='<path of its block list>'.")
         # Resolved on use, not stored: a stored ModuleList would become a submodule and duplicate the weights.
-        self.blocks_path = blocks
+        self.blocks_path = blocks if blocks is not None else self.family.block_path()
         self.feature_pairs: list[Pair] = []
         if feature_pairs is not None:
-            student_depth = len(resolve_block_container(self.net, blocks))
-            teacher_depth = len(resolve_block_container(teacher.net, blocks))
+            student_depth = len(resolve_block_container(self.net, self.blocks_path))
+            teacher_depth = len(resolve_block_container(teacher.net, self.blocks_path))
             self.feature_pairs = check_pairs(feature_pairs, student_depth, teacher_depth, name="feature_pairs")
-        self.label_dropout = float(getattr(getattr(net, "y_embedder", None), "dropout_prob", 0.0))
+        self.label_dropout = 0.0 if self.family is None else self.family.label_dropout(net)
         self._total_steps = 1
 
     def _check_arguments(
-        self, kd_weight: float, gt_weight: float, feature_weight: Sequence[float], sigma_k: float | None
+        self, kd_weight: float, gt_weight: float, feature_weight: Sequence[float], sigma_k: float | None,
+        feature_loss: str,
     ) -> None:
         problems = []
         missing = [name for name in _OBJECTIVE_METHODS if not callable(getattr(self.objective, name, None))]
         if missing:
             problems.append(
-                f"objective {type(self.objective).__name__} lacks {', '.join(missing)}; distillation needs an "
-                "objective with a shared noisy input and an output KD (GaussianDiffusion)"
+                f"objective {type(self.objective).__name__} lacks {', '.join(missing)}; distillation needs a "
+                "DiffusionObjective (GaussianDiffusion, FlowMatching)"
             )
+        if feature_loss not in FEATURE_LOSS_FORMS:
+            problems.append(f"feature_loss={feature_loss!r} must be one of {FEATURE_LOSS_FORMS} "
+                            "('reference' is the paper's code)")
         for name, value in (("kd_weight", kd_weight), ("gt_weight", gt_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 problems.append(f"{name}={value!r} must be a number >= 0")
@@ -137,12 +154,12 @@ class DistillationModule(DiffusionModule):
 
     # ------------------------------------------------------------------ losses
     def label_drops(self, cond: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, Any]:
-        """`cond` plus force_drop_ids drawn once, so student and teacher drop exactly the same labels."""
+        """`cond` plus label drops drawn once, so student and teacher drop exactly the same labels."""
         if "y" not in cond or self.label_dropout <= 0:
             return cond
         labels = cond["y"]
         draws = torch.rand(labels.shape, device=labels.device, generator=generator)
-        return {**cond, "force_drop_ids": (draws < self.label_dropout).long()}
+        return {**cond, **self.family.condition(labels, drop=(draws < self.label_dropout).long())}
 
     def distillation_losses(
         self, batch: Any, feature_weight: float = 0.0, generator: torch.Generator | None = None
@@ -164,13 +181,13 @@ class DistillationModule(DiffusionModule):
             teacher_output = self.teacher(x_t, model_t, **cond)  # (N, C_out, H, W)
         ground_truth = self.objective.loss_terms(student_output, x, x_t, t, noise)
         distilled = self.objective.distillation_terms(student_output, teacher_output, x_t, t)
-        terms = {
-            "gt": ground_truth["loss"], "mse": ground_truth["mse"], "vb": ground_truth["vb"],
-            "kd": distilled["kd_mse"] + distilled["kd_vb"], "kd_mse": distilled["kd_mse"], "kd_vb": distilled["kd_vb"],
-        }
+        # gt is the objective's loss; its parts (e.g. mse, vb) and the KD parts are logged beside it
+        terms = {"gt": ground_truth["loss"], **{name: value for name, value in ground_truth.items() if name != "loss"},
+                 **distilled}
         loss = self.hparams.kd_weight * terms["kd"] + self.hparams.gt_weight * terms["gt"]
         if self.feature_pairs:
-            per_pair = [masked_feature_mse(student_features[student], teacher_features[teacher], self.hparams.sigma_k)
+            per_pair = [masked_feature_mse(student_features[student], teacher_features[teacher], self.hparams.sigma_k,
+                                           form=self.hparams.feature_loss)
                         for student, teacher in self.feature_pairs]
             terms["feat"] = torch.stack(per_pair).mean(dim=0)  # (N,)
             loss = loss + feature_weight * terms["feat"]

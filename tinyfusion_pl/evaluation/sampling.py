@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from tinyfusion_pl.families import family_of
 from tinyfusion_pl.io import write_atomically
 from tinyfusion_pl.objectives import DiffusionObjective, classifier_free_guidance
 
@@ -34,20 +36,22 @@ def class_balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
     return torch.arange(num_samples) % num_classes
 
 
-def _validate_sampling_arguments(net: nn.Module, labels: torch.Tensor, cfg_scale: float, batch_size: int) -> None:
+def _validate_sampling_arguments(num_classes: int | None, labels: torch.Tensor, cfg_scale: float, batch_size: int) -> None:
     if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.numel() == 0 \
             or labels.is_floating_point() or labels.is_complex():
         described = (f"a {labels.ndim}-D {labels.dtype} tensor of {labels.numel()} elements"
                      if isinstance(labels, torch.Tensor) else type(labels).__name__)
         raise ValueError(f"labels must be a non-empty 1-D integer tensor of class indices, got {described}; "
                          "build them with class_balanced_labels(num_samples, num_classes).")
-    num_classes = getattr(net, "num_classes", None)
     if num_classes is not None and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
         raise ValueError(f"labels range over [{int(labels.min())}, {int(labels.max())}] but the net has "
                          f"num_classes={num_classes}: use class indices in [0, {num_classes - 1}].")
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or cfg_scale < 1.0:
         raise ValueError(f"cfg_scale={cfg_scale!r} is invalid: expected a number >= 1 (1.0 = no guidance, "
                          "DiT's published samples use 1.5).")
+    if cfg_scale > 1.0 and num_classes is None:
+        raise ValueError(f"cfg_scale={cfg_scale} needs a class-conditional net; this one has no classes. "
+                         "Use cfg_scale=1.0.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: expected a positive int (images per forward batch).")
 
@@ -58,35 +62,35 @@ def sample_images(
     objective: DiffusionObjective,
     labels: torch.Tensor,
     *,
-    steps: int | str = 250,
-    method: str = "ddpm",
     cfg_scale: float = 1.0,
     guidance_channels: int | None = None,
-    eta: float = 0.0,
-    clip_denoised: bool = False,
     batch_size: int = 64,
     seed: int = 0,
     decode: Decoder | None = None,
     progress: bool = True,
     description: str = "sampling",
+    **sampler_options: Any,
 ) -> torch.Tensor:
-    """Class-conditional samples (N, C, H, W) for `labels`, drawn batch by batch on the net's device, on the CPU.
+    """Class-conditional samples (N, ...) for `labels`, drawn batch by batch on the net's device, on the CPU.
 
-    `net(x, t, y=labels)` is any class-conditional denoiser with `in_channels` and `input_size` attributes.
-    cfg_scale > 1 applies classifier-free guidance with the null label `net.num_classes`; guidance_channels
-    None guides every noise channel, 3 is DiT's reproduction setting. The same seed and batch size give the
-    same starting noise to every net, so a teacher and its pruned student can be compared sample by sample.
-    clip_denoised clips each predicted x0 to [-1, 1]: right for pixels, not for latents (DiT does not clip).
-    `decode` maps each batch of the net's samples to images in [-1, 1] (a VAE decoder for latent models,
-    see sd_vae_decoder); without it the net's samples are returned as they are.
+    The net's family (tinyfusion_pl.families) gives the sample shape, the conditioning and the null label.
+    cfg_scale > 1 applies classifier-free guidance; guidance_channels None guides every noise channel, 3 is
+    DiT's reproduction setting. `sampler_options` go to `objective.sample` (GaussianDiffusion: steps, method,
+    eta, clip_denoised; FlowMatching: steps, method, ...), which checks them before anything runs. The same
+    seed and batch size give the same starting noise to every net, so a teacher and its pruned student can be
+    compared sample by sample. `decode` maps each batch of the net's samples to images in [-1, 1] (a VAE
+    decoder for latent models, see sd_vae_decoder); without it the net's samples are returned as they are.
     """
-    _validate_sampling_arguments(net, labels, cfg_scale, batch_size)
+    family = family_of(net)
+    _validate_sampling_arguments(family.num_classes(net), labels, cfg_scale, batch_size)
+    objective.check_sampler_options(sampler_options)
     device = next(net.parameters()).device
     model = net
     if cfg_scale > 1.0:
-        model = classifier_free_guidance(net, cfg_scale, null_label=net.num_classes, guidance_channels=guidance_channels)
+        model = classifier_free_guidance(net, cfg_scale, null_label=family.null_label(net),
+                                         guidance_channels=guidance_channels)
     generator = torch.Generator(device).manual_seed(seed)
-    shape = (net.in_channels, net.input_size, net.input_size)
+    shape = family.sample_shape(net)
     batches = []
     was_training = net.training
     net.eval()  # a DiT in train mode would drop labels at random
@@ -94,9 +98,8 @@ def sample_images(
         with tqdm(total=len(labels), desc=description, unit="img", disable=not progress) as bar:
             for batch_labels in labels.split(batch_size):
                 noise = torch.randn((len(batch_labels), *shape), device=device, generator=generator)  # (B, C, H, W)
-                samples = objective.sample(model, noise, model_kwargs={"y": batch_labels.to(device)}, steps=steps,
-                                           method=method, eta=eta, clip_denoised=clip_denoised,
-                                           generator=generator)  # (B, C, H, W)
+                samples = objective.sample(model, noise, model_kwargs=family.condition(batch_labels.to(device)),
+                                           generator=generator, **sampler_options)  # (B, C, H, W)
                 if decode is not None:
                     samples = decode(samples)  # (B, 3, H', W') images in [-1, 1]
                 batches.append(samples.float().cpu())

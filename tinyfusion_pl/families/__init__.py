@@ -10,16 +10,24 @@ import torch.nn as nn
 from tinyfusion_pl.families.base import ModelFamily
 from tinyfusion_pl.families.dit import DiTFamily
 
-# The most specific class first is not needed: family_of walks the net's class hierarchy.
+# Order does not matter: the lookup walks the net's class hierarchy, most specific class first.
 FAMILIES: tuple[ModelFamily, ...] = (DiTFamily(),)
 
 
-def family_of(net: nn.Module) -> ModelFamily:
-    """The family that describes `net`, found by its class (a subclass of a described class is described)."""
+def find_family(net: nn.Module) -> ModelFamily | None:
+    """The family that describes `net`, found by its class (a subclass of a described class is described), or None."""
     by_class = {family.model_class: family for family in FAMILIES}
     for cls in type(net).__mro__:
         if cls in by_class:
             return by_class[cls]
+    return None
+
+
+def family_of(net: nn.Module) -> ModelFamily:
+    """The family that describes `net`; raises naming the known families and how to add one."""
+    family = find_family(net)
+    if family is not None:
+        return family
     known = ", ".join(f"{family.name} ({family.model_class.__name__})" for family in FAMILIES)
     raise ValueError(
         f"no model family describes {type(net).__name__}; known families: {known}. Describe it with a "
@@ -27,4 +35,4 @@ def family_of(net: nn.Module) -> ModelFamily:
     )
 
 
-__all__ = ["FAMILIES", "DiTFamily", "ModelFamily", "family_of"]
+__all__ = ["FAMILIES", "DiTFamily", "ModelFamily", "family_of", "find_family"]

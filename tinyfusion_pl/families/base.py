@@ -66,7 +66,7 @@ class ModelFamily:
         if len(block_counts) != len(self.blocks):
             raise ValueError(f"block_counts={list(block_counts)} gives {len(block_counts)} lengths for the "
                              f"{len(self.blocks)} block containers {list(self.blocks)} of the {self.name} family.")
-        return self.build(**{**self.architecture(net), **dict(zip(self.depth_arguments, block_counts))})
+        return self.build(**{**self.architecture(net), **dict(zip(self.depth_arguments, block_counts, strict=True))})
 
     def checkpoint_block_counts(self, state_dict: Mapping[str, torch.Tensor]) -> list[int]:
         """The length of every block container that a state dict of this family holds weights for."""

@@ -6,10 +6,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from tinyfusion_pl.stages.common import run_pretrain
 from tinyfusion_pl.stages.compare_selectors import run_compare_selectors
 from tinyfusion_pl.stages.evaluate import run_evaluate
 from tinyfusion_pl.stages.pipeline import run_pipeline
-from tinyfusion_pl.stages.pretrain import run_pretrain
 from tinyfusion_pl.stages.prune import run_prune
 from tinyfusion_pl.stages.recover import run_recover
 

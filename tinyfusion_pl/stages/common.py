@@ -1,4 +1,10 @@
-"""What every stage shares: run folders, trainers and loggers built from the config, the sample grid."""
+"""What the stages share, and the only module they share it through.
+
+Run folders, trainers and loggers built from the config; the model of the config and its checkpoints at
+any depth (through the model's family); the teacher, pretrained and cached on first use for the embedded
+default; the objective's sampler options; sample grids and the digits judge. Stages never import each
+other; the pipeline and the selector comparison compose them.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,20 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn as nn
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
-from tinyfusion_pl.io import write_atomically
-from tinyfusion_pl.loggers import describe_offline_runs, wandb_loggers
+from tinyfusion_pl.families import ModelFamily, family_of
+from tinyfusion_pl.io import save_json, save_torch, write_atomically
+from tinyfusion_pl.loggers import describe_offline_runs, log_images, wandb_loggers
+from tinyfusion_pl.module import DiffusionModule
+from tinyfusion_pl.objectives import DiffusionObjective
+
+# Keys of the `sampling` group that are not options of the objective's sampler.
+SAMPLING_SETTINGS = ("cfg_scale", "samples_per_class", "progress")
+JUDGES = ("digits", None)
 
 
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
@@ -86,3 +100,160 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = N
     write_atomically(path, lambda temporary: figure.savefig(temporary, format="png"))
     plt.close(figure)
     return Path(path)
+
+
+# --------------------------------------------------------------------------- the model and its checkpoints
+
+
+def model_blueprint(cfg: DictConfig, registry_name: str | None = None) -> nn.Module:
+    """The configured model (or registry entry `registry_name` of its family) on the meta device: no memory.
+
+    It tells the family and the architecture; `ModelFamily.load` builds the real model at a checkpoint's depth.
+    """
+    overrides = {}
+    if registry_name:
+        if "name" not in cfg.model:
+            raise ValueError(f"teacher.name={registry_name} picks a registry entry, but model={cfg.model._target_} "
+                             "is not built from a registry (no model.name). Leave teacher.name unset.")
+        overrides["name"] = registry_name
+    with torch.device("meta"):
+        return instantiate(cfg.model, **overrides)
+
+
+def model_family(cfg: DictConfig) -> ModelFamily:
+    return family_of(model_blueprint(cfg))
+
+
+def load_model(cfg: DictConfig, checkpoint: str | Path, registry_name: str | None = None) -> nn.Module:
+    """The configured model with a checkpoint's weights at the checkpoint's own depth, loaded strictly (EMA first)."""
+    blueprint = model_blueprint(cfg, registry_name)
+    return family_of(blueprint).load(checkpoint, like=blueprint)
+
+
+def model_title(cfg: DictConfig) -> str:
+    """How reports and grids name the configured model: its registry name, else its class."""
+    return cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1]
+
+
+# --------------------------------------------------------------------------- the teacher
+
+
+def cached_teacher_path(cfg: DictConfig) -> Path:
+    """Where the pretrained checkpoint for this model, data, objective, pretraining and seed is cached."""
+    key = config_fingerprint(cfg.model, cfg.data, cfg.objective, cfg.pretrain, cfg.seed)
+    return Path(cfg.paths.cache_dir) / "teachers" / key / "model.pt"
+
+
+def resolve_teacher_checkpoint(cfg: DictConfig) -> Path:
+    """teacher.checkpoint when given; else this run's pretrain output; else the cache, pretraining on a miss.
+
+    Pretraining on a miss happens only where the config allows it (`teacher.pretrain_if_missing`, set by the
+    embedded defaults): a real model needs a real checkpoint.
+    """
+    if cfg.teacher.checkpoint:
+        path = Path(cfg.teacher.checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher.checkpoint={path} does not exist. Pass the path of a model checkpoint.")
+        return path
+    this_run = Path(cfg.paths.run_dir) / "pretrain" / "model.pt"
+    if this_run.is_file():
+        return this_run
+    cached = cached_teacher_path(cfg)
+    if cached.is_file():
+        return cached
+    if not cfg.teacher.get("pretrain_if_missing"):
+        raise ValueError(
+            f"stage={cfg.stage} needs a teacher for model={model_title(cfg)}: pass teacher.checkpoint=/path/to/model.pt "
+            "(e.g. DiT-XL-2-256x256.pt). Only the embedded digits defaults are pretrained automatically."
+        )
+    run_pretrain(cfg)  # fills the cache
+    return cached
+
+
+def load_teacher(cfg: DictConfig) -> nn.Module:
+    """The teacher of resolve_teacher_checkpoint, built as the configured model at its own depth (EMA weights)."""
+    return load_model(cfg, resolve_teacher_checkpoint(cfg))
+
+
+def build_module(cfg: DictConfig, stage_cfg: DictConfig, net: nn.Module | None = None) -> DiffusionModule:
+    """A DiffusionModule for the configured model and objective with this stage's optimisation settings."""
+    net = net if net is not None else instantiate(cfg.model)
+    return DiffusionModule(net, objective=instantiate(cfg.objective), **stage_cfg.module)
+
+
+def checkpoint_payload(module: DiffusionModule, cfg: DictConfig) -> dict[str, Any]:
+    """The reference code's checkpoint layout ({'model', 'ema'}) plus the config that made it."""
+    payload = {"model": module.net.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True)}
+    if module.ema is not None:
+        payload["ema"] = module.ema.module.state_dict()
+    return payload
+
+
+def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
+    """stage=pretrain: train the configured model on the configured data; write model.pt, samples.png, metrics.json.
+
+    The checkpoint is also cached, so later stages and runs reuse it instead of retraining.
+    """
+    folder = stage_dir(cfg, "pretrain")
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, cfg.pretrain)
+    trainer = build_trainer(cfg, "pretrain", max_steps=cfg.pretrain.max_steps)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.pretrain.resume_from)
+    payload = checkpoint_payload(module, cfg)
+    checkpoint = save_torch(payload, folder / "model.pt")
+    save_torch(payload, cached_teacher_path(cfg))
+    metrics: dict[str, Any] = {"steps": trainer.global_step, "checkpoint": str(checkpoint)}
+    if cfg.sampling.samples_per_class > 0:
+        images, labels = sample_grid(module, cfg, folder / "samples.png", title=f"{model_title(cfg)}, pretrained")
+        metrics.update(judge_samples(cfg, images, labels))
+        log_images(trainer.loggers, {"pretrain/samples": folder / "samples.png"})
+    save_json(metrics, folder / "metrics.json")
+    finish_loggers(trainer.loggers, folder)
+    return metrics
+
+
+# --------------------------------------------------------------------------- sampling and judging samples
+
+
+def sampler_options(cfg: DictConfig, objective: DiffusionObjective) -> dict[str, Any]:
+    """The `sampling` settings that belong to the objective's sampler (null ones left out), checked by it."""
+    options = {key: value for key, value in OmegaConf.to_container(cfg.sampling, resolve=True).items()
+               if key not in SAMPLING_SETTINGS and value is not None}
+    objective.check_sampler_options(options)
+    return options
+
+
+def sample_grid(module: DiffusionModule, cfg: DictConfig, path: Path, title: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample `samples_per_class` images of every class with the configured sampler; save them as a grid."""
+    sampling = cfg.sampling
+    num_classes = family_of(module.sampling_net()).num_classes(module.sampling_net())
+    labels = torch.arange(num_classes).repeat_interleave(sampling.samples_per_class)
+    images = module.sample(labels, cfg_scale=sampling.cfg_scale, seed=cfg.seed, progress=sampling.progress,
+                           **sampler_options(cfg, module.objective))
+    # one row per sample index, one column per class: each column is a class
+    order = torch.arange(len(labels)).view(num_classes, -1).t().reshape(-1)
+    save_image_grid(images[order], path, nrow=num_classes, title=title)
+    return images, labels
+
+
+def judge(cfg: DictConfig) -> str | None:
+    """evaluate.judge, checked: 'digits' (the digits classifier scores samples) or null (no classifier)."""
+    name = cfg.evaluate.get("judge")
+    if name not in JUDGES:
+        raise ValueError(f"evaluate.judge={name!r} is not one of {list(JUDGES)}: 'digits' for the digits data "
+                         "(set by data=digits), null for any other data.")
+    return name
+
+
+def judge_samples(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Conditional accuracy of the samples under the configured judge; nothing without one."""
+    if judge(cfg) is None:
+        return {}
+    from tinyfusion_pl.evaluation.digits_classifier import (
+        conditional_accuracy,
+        load_or_train_digits_classifier,
+    )
+
+    classifier = load_or_train_digits_classifier(cfg.paths.cache_dir, cfg.data.image_size)
+    return {"conditional_accuracy": conditional_accuracy(classifier, images, labels)}

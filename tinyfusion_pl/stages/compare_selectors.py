@@ -13,10 +13,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl.io import save_json, save_text, write_atomically
+from tinyfusion_pl.stages.common import resolve_teacher_checkpoint
 from tinyfusion_pl.stages.evaluate import run_evaluate
 from tinyfusion_pl.stages.prune import run_prune
 from tinyfusion_pl.stages.recover import run_recover
-from tinyfusion_pl.stages.teacher import resolve_teacher_checkpoint
 
 COLUMNS = ["selector", "kept_blocks", "calibration_loss", "fid", "conditional_accuracy"]
 

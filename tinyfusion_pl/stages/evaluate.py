@@ -19,6 +19,7 @@ from tinyfusion_pl.evaluation.digits_classifier import (
 )
 from tinyfusion_pl.evaluation.fid import FIDScorer, digits_fid, inception_fid
 from tinyfusion_pl.evaluation.sampling import (
+    IMAGE_CHANNELS,
     Decoder,
     class_balanced_labels,
     images_to_uint8,
@@ -29,10 +30,17 @@ from tinyfusion_pl.evaluation.sampling import (
     uint8_to_images,
 )
 from tinyfusion_pl.evaluation.speed import count_blocks, sampling_speed
+from tinyfusion_pl.families import family_of
 from tinyfusion_pl.io import save_json
-from tinyfusion_pl.stages.common import save_image_grid, stage_dir
-from tinyfusion_pl.stages.pretrain import is_embedded_default
-from tinyfusion_pl.stages.teacher import load_net, resolve_teacher_checkpoint
+from tinyfusion_pl.stages.common import (
+    judge,
+    load_model,
+    model_blueprint,
+    resolve_teacher_checkpoint,
+    sampler_options,
+    save_image_grid,
+    stage_dir,
+)
 
 MODELS = ("teacher", "pruned")
 FID_MODES = ("auto", "digits", "inception", "none")
@@ -95,8 +103,8 @@ def evaluation_device(cfg: DictConfig) -> torch.device:
 
 
 def latent_decoder(cfg: DictConfig, device: torch.device) -> Decoder | None:
-    """The VAE decoder of evaluate.vae for latent data, None for image data such as the digits."""
-    return None if is_embedded_default(cfg) else sd_vae_decoder(cfg.evaluate.vae, device=device)
+    """The VAE decoder of evaluate.vae for latent models, None when the model's samples are images."""
+    return sd_vae_decoder(cfg.evaluate.vae, device=device) if cfg.evaluate.vae else None
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -104,10 +112,14 @@ def check_settings(cfg: DictConfig) -> None:
     selected_models(cfg)
     evaluation_device(cfg)
     fid_mode(cfg)
-    if not is_embedded_default(cfg) and not cfg.evaluate.vae:
+    sampler_options(cfg, instantiate(cfg.objective))
+    blueprint = model_blueprint(cfg)
+    channels = family_of(blueprint).sample_shape(blueprint)[0]
+    if not cfg.evaluate.vae and channels not in IMAGE_CHANNELS:
         raise ValueError(
-            f"data={cfg.data._target_} holds latents: evaluation needs images, so set evaluate.vae to a diffusers "
-            "AutoencoderKL name or local folder (e.g. evaluate.vae=stabilityai/sd-vae-ft-ema; `pip install diffusers`)."
+            f"model={cfg.model.get('name', cfg.model._target_)} samples {channels}-channel latents: evaluation needs "
+            "images, so set evaluate.vae to a diffusers AutoencoderKL name or local folder "
+            "(e.g. evaluate.vae=stabilityai/sd-vae-ft-ema; `pip install diffusers`)."
         )
 
 
@@ -117,8 +129,8 @@ def fid_mode(cfg: DictConfig) -> str:
     if mode not in FID_MODES:
         raise ValueError(f"evaluate.fid={mode!r} is not one of {FID_MODES}.")
     if mode == "auto":
-        return "digits" if is_embedded_default(cfg) else "inception" if reference else "none"
-    if mode == "digits" and not is_embedded_default(cfg):
+        return "digits" if judge(cfg) == "digits" else "inception" if reference else "none"
+    if mode == "digits" and judge(cfg) != "digits":
         raise ValueError(f"evaluate.fid=digits needs the digits data, not {cfg.data._target_}; "
                          "use evaluate.fid=inception with evaluate.reference_npz, or none.")
     if mode == "inception" and not reference:
@@ -128,8 +140,8 @@ def fid_mode(cfg: DictConfig) -> str:
 
 
 def digits_judge(cfg: DictConfig) -> DigitsClassifier | None:
-    """The cached digits classifier (trained on first use) on the embedded default, None for other data."""
-    if not is_embedded_default(cfg):
+    """The cached digits classifier (trained on first use) when evaluate.judge is digits, else None."""
+    if judge(cfg) != "digits":
         return None
     return load_or_train_digits_classifier(cfg.paths.cache_dir, cfg.data.image_size)
 
@@ -184,13 +196,14 @@ def evaluate_nets(
     scorer, fid_description = fid_scorer(cfg, device, classifier)
     nets = {name: net.to(device).eval() for name, net in nets.items()}
     objective = instantiate(cfg.objective)
+    options = sampler_options(cfg, objective)
     results: dict[str, dict[str, Any]] = {}
     for name, net in nets.items():
-        labels = class_balanced_labels(settings.num_samples, net.num_classes)
-        samples = sample_images(net, objective, labels, steps=sampling.steps, method=sampling.method,
-                                cfg_scale=sampling.cfg_scale, clip_denoised=sampling.clip_denoised,
-                                batch_size=settings.batch_size, seed=cfg.seed,
-                                decode=decode, progress=sampling.progress, description=f"sampling {name}")
+        num_classes = family_of(net).num_classes(net)
+        labels = class_balanced_labels(settings.num_samples, num_classes)
+        samples = sample_images(net, objective, labels, cfg_scale=sampling.cfg_scale, batch_size=settings.batch_size,
+                                seed=cfg.seed, decode=decode, progress=sampling.progress,
+                                description=f"sampling {name}", **options)
         images = images_to_uint8(samples)  # (N, H, W, C), the form every score and file uses
         result: dict[str, Any] = {"fid": None if scorer is None else scorer.score(images)}
         if classifier is not None:
@@ -199,21 +212,20 @@ def evaluate_nets(
             result["samples"] = str(save_npz(folder / f"samples_{name}.npz", images, labels))
         if sampling.samples_per_class > 0:
             grid = folder / f"samples_{name}.png"
-            save_sample_grid(images, grid, net.num_classes, rows=sampling.samples_per_class,
+            save_sample_grid(images, grid, num_classes, rows=sampling.samples_per_class,
                              title=_grid_title(name, net, result))
             result["grid"] = str(grid)
         results[name] = result
+    timed_options = {key: value for key, value in options.items() if key != "steps"}
     speed = sampling_speed(nets, objective, batch_size=settings.speed.batch_size, steps=settings.speed.steps,
-                           sampler_steps=sampling.steps, method=sampling.method, cfg_scale=sampling.cfg_scale,
-                           clip_denoised=sampling.clip_denoised, repeats=settings.speed.repeats,
-                           warmup=settings.speed.warmup, reference=reference)
+                           sampler_steps=sampling.steps, cfg_scale=sampling.cfg_scale, repeats=settings.speed.repeats,
+                           warmup=settings.speed.warmup, reference=reference, **timed_options)
     for name in nets:
         results[name] = {**speed[name], **results[name]}
     return {
         **results,
         "settings": {
-            "device": str(device), "num_samples": settings.num_samples, "method": sampling.method,
-            "steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "clip_denoised": sampling.clip_denoised,
+            "device": str(device), "num_samples": settings.num_samples, **options, "cfg_scale": sampling.cfg_scale,
             "seed": cfg.seed, "fid": fid_description,
             "speed_batch_size": settings.speed.batch_size, "speed_steps": settings.speed.steps,
             "speed_repeats": settings.speed.repeats,
@@ -240,7 +252,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     folder = stage_dir(cfg, "evaluate")
     checkpoints = checkpoints_to_evaluate(cfg)
     # a teacher from another registry entry (teacher.name, e.g. a D14 teacher) is built as that entry
-    nets = {name: load_net(cfg, path, cfg.teacher.get("name") if name == "teacher" else None)
+    nets = {name: load_model(cfg, path, cfg.teacher.get("name") if name == "teacher" else None)
             for name, path in checkpoints.items()}
     metrics = evaluate_nets(cfg, nets, folder, reference="teacher" if "teacher" in nets else None)
     for name, path in checkpoints.items():

@@ -11,11 +11,16 @@ from omegaconf import DictConfig
 
 from tinyfusion_pl.io import save_json, save_text
 from tinyfusion_pl.loggers import log_artifact, log_images, log_table
-from tinyfusion_pl.stages.common import build_loggers, finish_loggers, stage_dir
+from tinyfusion_pl.stages.common import (
+    build_loggers,
+    finish_loggers,
+    model_title,
+    resolve_teacher_checkpoint,
+    stage_dir,
+)
 from tinyfusion_pl.stages.evaluate import run_evaluate
 from tinyfusion_pl.stages.prune import run_prune
 from tinyfusion_pl.stages.recover import run_recover
-from tinyfusion_pl.stages.teacher import resolve_teacher_checkpoint
 
 REPORTED = ("blocks", "params", "gflops", "samples_per_s", "steps_per_s", "fid", "conditional_accuracy")
 
@@ -43,7 +48,7 @@ def report_markdown(cfg: DictConfig, metrics: dict[str, Any], seconds: dict[str,
             ("fid", ".3f"), ("conditional_accuracy", ".1%")]
     teacher, pruned = metrics["teacher"], metrics["pruned"]
     lines = [
-        f"# TinyFusion report: {cfg.model.name} on {cfg.data._target_.rsplit('.', 1)[-1]}",
+        f"# TinyFusion report: {model_title(cfg)} on {cfg.data._target_.rsplit('.', 1)[-1]}",
         "",
         f"Selector `{metrics['selector']}` kept blocks {metrics['kept_blocks']} of {teacher['blocks']}; "
         f"calibration loss right after pruning {metrics['calibration_loss']:.4f}.",

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl.callbacks.block_mask import DifferentiableBlockMask
 from tinyfusion_pl.callbacks.weight_update import CoOptimizedWeightUpdate
-from tinyfusion_pl.io import save_json, save_torch
+from tinyfusion_pl.families import family_of
+from tinyfusion_pl.io import save_json
 from tinyfusion_pl.loggers import log_images
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.pruning.calibration import calibration_batches, calibration_loss
@@ -27,19 +26,22 @@ from tinyfusion_pl.pruning.selectors import (
     selection_groups,
     sensitivity,
 )
-from tinyfusion_pl.stages.common import build_trainer, finish_loggers, stage_dir
-from tinyfusion_pl.stages.teacher import build_teacher, resolve_teacher_checkpoint
-
-BLOCKS = "blocks"  # the block container of a DiT
+from tinyfusion_pl.stages.common import (
+    build_trainer,
+    finish_loggers,
+    load_teacher,
+    resolve_teacher_checkpoint,
+    stage_dir,
+)
 
 
 def learnable_selection(cfg: DictConfig, net: nn.Module, datamodule: L.LightningDataModule, folder: Path) -> dict[str, Any]:
     """TinyFusion: learn the kept blocks with Gumbel gates while a weight update estimates recoverability."""
-    pruning = cfg.pruning
+    pruning, blocks = cfg.pruning, family_of(net).block_path()
     module = DiffusionModule(net, objective=instantiate(cfg.objective), lr=pruning.lr, ema_decay=None)
     pattern = OmegaConf.to_object(pruning.pattern) if OmegaConf.is_config(pruning.pattern) else pruning.pattern
     mask = DifferentiableBlockMask(
-        blocks=f"net.{BLOCKS}", pattern=pattern,
+        blocks=f"net.{blocks}", pattern=pattern,
         keep_ratio=None if pruning.pattern else pruning.keep_ratio,
         group_size=None if pruning.pattern else pruning.group_size,
         scaling=pruning.scaling, tau=tuple(pruning.tau), lr_multiplier=pruning.gate_lr_multiplier,
@@ -47,7 +49,7 @@ def learnable_selection(cfg: DictConfig, net: nn.Module, datamodule: L.Lightning
         log_every_n_steps=max(1, pruning.max_steps // 100),  # about 100 points on the dynamics figure
     )
     weight_update = CoOptimizedWeightUpdate(method=pruning.weight_update, rank=pruning.rank, alpha=pruning.alpha,
-                                            blocks=f"net.{BLOCKS}")
+                                            blocks=f"net.{blocks}")
     trainer = build_trainer(cfg, "prune", max_steps=pruning.max_steps, callbacks=[mask, weight_update])
     trainer.fit(module, datamodule=datamodule)
     log_images(trainer.loggers, {"prune/decision_dynamics": mask.plot_dynamics(folder / "decision_dynamics.png")})
@@ -60,7 +62,8 @@ BASELINE_SELECTORS = ("bi_score", "sensitivity", "oracle", "by_index", "random")
 
 def baseline_selection(cfg: DictConfig, net: nn.Module, objective: Any, batches: list) -> dict[str, Any]:
     """A baseline selector of the paper's comparison; the learnable selector's decision fields plus `scores`."""
-    pruning, depth = cfg.pruning, len(getattr(net, BLOCKS))
+    blocks = family_of(net).block_path()
+    pruning, depth = cfg.pruning, len(net.get_submodule(blocks))
     options = OmegaConf.to_container(pruning, resolve=True, throw_on_missing=True)
     if pruning.selector in ("oracle", "by_index"):
         pattern = None
@@ -76,8 +79,8 @@ def baseline_selection(cfg: DictConfig, net: nn.Module, objective: Any, batches:
             selection = random_blocks(depth, groups, seed=seed)
         else:
             score = bi_score if pruning.selector == "bi_score" else sensitivity
-            selection = score(net, objective, batches, groups, blocks=BLOCKS, seed=cfg.seed, progress=pruning.progress)
-    return {"blocks": BLOCKS, "depth": depth, "pattern": pattern, **selection.as_dict()}
+            selection = score(net, objective, batches, groups, blocks=blocks, seed=cfg.seed, progress=pruning.progress)
+    return {"depth": depth, "pattern": pattern, **selection.as_dict()}
 
 
 def run_prune(cfg: DictConfig) -> dict[str, Any]:
@@ -85,7 +88,8 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
     folder = stage_dir(cfg, "prune")
     teacher_path = resolve_teacher_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    net = build_teacher(cfg)
+    net = load_teacher(cfg)
+    family = family_of(net)
     datamodule = instantiate(cfg.data)
     objective = instantiate(cfg.objective)
     batches = calibration_batches(datamodule, cfg.pruning.calibration_batches, seed=cfg.seed)
@@ -98,22 +102,16 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
             f"pruning.selector='{cfg.pruning.selector}' is not one of {['learnable', *BASELINE_SELECTORS]}. "
             "Pick it with the pruning group, e.g. pruning=bi_score."
         )
-    shallow = prune_blocks(net, blocks=BLOCKS, keep=decision["kept_blocks"])
+    shallow = prune_blocks(net, blocks=family.block_path(), keep=decision["kept_blocks"])
     decision.update(
         selector=cfg.pruning.selector,
+        blocks=family.block_path(),  # the container's path under the model, whichever selector chose
         teacher=str(teacher_path),
-        num_blocks=len(getattr(net, BLOCKS)),
+        num_blocks=sum(family.block_counts(net)),
         calibration_loss=calibration_loss(shallow, objective, batches, seed=cfg.seed),
     )
-    save_torch(shallow.state_dict(), folder / "pruned.pt")
+    family.save(shallow, folder / "pruned.pt")
     save_json(decision, folder / "decision.json")
     return {"kept_blocks": decision["kept_blocks"], "calibration_loss": decision["calibration_loss"],
             "pruned": str(folder / "pruned.pt")}
 
-
-def load_pruned(cfg: DictConfig, folder: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The shallow model and decision that stage=prune wrote into `folder`."""
-    decision = json.loads((folder / "decision.json").read_text())
-    net = instantiate(cfg.model, depth=len(decision["kept_blocks"]))
-    net.load_state_dict(torch.load(folder / "pruned.pt", map_location="cpu", weights_only=True), strict=True)
-    return net, decision

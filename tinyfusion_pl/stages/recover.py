@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl.distill import DistillationModule, layer_pairing
+from tinyfusion_pl.families import family_of
 from tinyfusion_pl.io import save_json, save_torch
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.pruning.calibration import calibration_batches, calibration_loss
-from tinyfusion_pl.stages.common import build_trainer, finish_loggers, stage_dir
-from tinyfusion_pl.stages.pretrain import checkpoint_payload, evaluate_digits_samples, sample_grid
-from tinyfusion_pl.stages.prune import BLOCKS, load_pruned
-from tinyfusion_pl.stages.teacher import load_net
+from tinyfusion_pl.stages.common import (
+    build_trainer,
+    checkpoint_payload,
+    finish_loggers,
+    judge_samples,
+    load_model,
+    model_title,
+    sample_grid,
+    stage_dir,
+)
 
 DISTILL_METHODS = ("none", "kd", "masked_kd")
 
@@ -47,7 +55,7 @@ def recovery_teacher(cfg: DictConfig, decision: dict[str, Any]) -> tuple[nn.Modu
     if not path.is_file():
         source = "teacher.checkpoint" if cfg.teacher.checkpoint else "the pruning teacher in decision.json"
         raise FileNotFoundError(f"{source}, {path}, does not exist. Pass teacher.checkpoint=/path/to/model.pt.")
-    return load_net(cfg, path, cfg.teacher.name), path
+    return load_model(cfg, path, cfg.teacher.name), path
 
 
 def build_recovery_module(
@@ -64,12 +72,14 @@ def build_recovery_module(
     feature_pairs = None
     if distill.method == "masked_kd":
         pairing = OmegaConf.to_object(distill.pairing) if OmegaConf.is_config(distill.pairing) else distill.pairing
-        feature_pairs = layer_pairing(pairing, len(getattr(student, BLOCKS)), len(getattr(teacher, BLOCKS)),
+        family = family_of(student)
+        feature_pairs = layer_pairing(pairing, sum(family.block_counts(student)), sum(family.block_counts(teacher)),
                                       kept_blocks=decision["kept_blocks"], pruned_depth=decision.get("num_blocks"))
     module = DistillationModule(
         student, teacher, objective=objective, kd_weight=distill.kd_weight, gt_weight=distill.gt_weight,
         feature_pairs=feature_pairs, feature_weight=tuple(distill.get("feature_weight", (0.0, 0.0))),
-        sigma_k=distill.get("sigma_k", 2.0), blocks=BLOCKS, **module_options,
+        sigma_k=distill.get("sigma_k", 2.0), feature_loss=distill.get("feature_loss", "reference"),
+        **module_options,
     )
     return module, teacher_path
 
@@ -79,7 +89,8 @@ def run_recover(cfg: DictConfig) -> dict[str, Any]:
     folder = stage_dir(cfg, "recover")
     source = pruned_folder(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    student, decision = load_pruned(cfg, source)
+    decision = json.loads((source / "decision.json").read_text())
+    student = load_model(cfg, source / "pruned.pt")
     datamodule = instantiate(cfg.data)
     objective = instantiate(cfg.objective)
     batches = calibration_batches(datamodule, cfg.recover.calibration_batches, seed=cfg.seed)
@@ -107,8 +118,8 @@ def run_recover(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(checkpoint),
     }
     if cfg.sampling.samples_per_class > 0:
-        title = f"{cfg.model.name}, {len(decision['kept_blocks'])} blocks, recovered ({cfg.distill.method})"
+        title = f"{model_title(cfg)}, {len(decision['kept_blocks'])} blocks, recovered ({cfg.distill.method})"
         images, labels = sample_grid(module, cfg, folder / "samples.png", title=title)
-        metrics.update(evaluate_digits_samples(cfg, images, labels))
+        metrics.update(judge_samples(cfg, images, labels))
     save_json(metrics, folder / "metrics.json")
     return metrics
