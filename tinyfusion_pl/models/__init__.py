@@ -1,4 +1,4 @@
-"""Diffusion transformers: a DiT that loads public facebookresearch/DiT checkpoints, and its registry."""
+"""Diffusion transformers: DiT and SiT (one backbone, public checkpoints), their registries and loading."""
 
 from tinyfusion_pl.models.checkpoints import (
     CheckpointMismatchError,
@@ -8,19 +8,25 @@ from tinyfusion_pl.models.checkpoints import (
     load_checkpoint_file,
     load_dit_state_dict,
     match_registry,
+    sit_from_checkpoint,
 )
 from tinyfusion_pl.models.dit import DiT, DiT_models, DiTBlock, build_dit
+from tinyfusion_pl.models.sit import SiT, SiT_models, build_sit
 
 __all__ = [
     "CheckpointMismatchError",
     "DiT",
     "DiTBlock",
     "DiT_models",
+    "SiT",
+    "SiT_models",
     "build_dit",
+    "build_sit",
     "dit_from_checkpoint",
     "extract_state_dict",
     "infer_dit_config",
     "load_checkpoint_file",
     "load_dit_state_dict",
     "match_registry",
+    "sit_from_checkpoint",
 ]

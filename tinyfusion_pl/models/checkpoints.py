@@ -1,14 +1,15 @@
-"""Read DiT checkpoints in the layouts found in practice and load them strictly, with readable errors.
+"""Read DiT and SiT checkpoints in the layouts found in practice and load them strictly, with readable errors.
 
-Layouts: a plain state dict (the public DiT-XL-2-256x256.pt, TinyDiT-D14), the reference training
-code's {'model', 'ema', 'opt', 'args'} dict, and a Lightning checkpoint of our DiffusionModule
-(denoiser under 'net.', its AveragedModel EMA under 'ema.module.'), each possibly with DDP 'module.'
-or torch.compile '_orig_mod.' prefixes.
+Layouts: a plain state dict (the public DiT-XL-2-256x256.pt and SiT-XL-2-256x256.pt, TinyDiT-D14), the
+reference training code's {'model', 'ema', 'opt', 'args'} dict, and a Lightning checkpoint of our
+DiffusionModule (denoiser under 'net.', its AveragedModel EMA under 'ema.module.'), each possibly with
+DDP 'module.' or torch.compile '_orig_mod.' prefixes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import os
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from tinyfusion_pl.models.dit import DiT, DiT_models, build_dit
+from tinyfusion_pl.models.sit import SiT, SiT_models, build_sit
 
 # Prefixes added by wrappers around the model: DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -41,6 +43,25 @@ _SHOWN_KEYS = 5
 
 class CheckpointMismatchError(RuntimeError):
     """A state dict does not fit a model: lists missing/unexpected keys, shape mismatches and a fitting entry."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelKind:
+    """A model class on DiT's backbone, its size registry, and the public functions that build and load it."""
+
+    model_class: type[DiT]
+    registry: Mapping[str, Callable[..., DiT]]
+    build: Callable[..., DiT]
+    loader_name: str
+
+
+_DIT_KIND = _ModelKind(DiT, DiT_models, build_dit, "dit_from_checkpoint")
+_SIT_KIND = _ModelKind(SiT, SiT_models, build_sit, "sit_from_checkpoint")
+
+
+def _kind_of(model: nn.Module) -> _ModelKind:
+    """SiT's kind for a SiT, DiT's for anything else (a DiT, or another module loaded with DiT keys)."""
+    return _SIT_KIND if isinstance(model, SiT) else _DIT_KIND
 
 
 #################################################################################
@@ -205,12 +226,17 @@ def infer_dit_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
-def match_registry(state_dict: Mapping[str, torch.Tensor]) -> list[str] | None:
+def match_registry(
+    state_dict: Mapping[str, torch.Tensor], registry: Mapping[str, Callable[..., DiT]] | None = None
+) -> list[str] | None:
     """Return the registry names whose architecture has exactly this state dict's keys and shapes, or None.
 
     The data keywords (input_size, in_channels, num_classes, learn_sigma) are taken from the state dict,
-    so a DiT-Tiny/2 trained on 8x8 digits still matches DiT-Tiny/2.
+    so a DiT-Tiny/2 trained on 8x8 digits still matches DiT-Tiny/2. registry is DiT_models unless given
+    (SiT_models names the SiT sizes of the same shapes).
     """
+    if registry is None:
+        registry = DiT_models
     try:
         config = infer_dit_config(state_dict)
     except ValueError:
@@ -219,7 +245,7 @@ def match_registry(state_dict: Mapping[str, torch.Tensor]) -> list[str] | None:
     wanted_architecture = (config["depth"], config["hidden_size"], config["patch_size"], config["mlp_ratio"])
     wanted_shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
     names = []
-    for name, factory in DiT_models.items():
+    for name, factory in registry.items():
         if _entry_architecture(factory)[:4] != wanted_architecture:
             continue
         with torch.device("meta"):
@@ -296,16 +322,17 @@ def _mismatch_message(
     shape_summary = (
         f"depth {config['depth']}, hidden_size {config['hidden_size']}, patch_size {config['patch_size']}"
     )
-    fitting = match_registry(state_dict)
+    kind = _kind_of(model)
+    fitting = match_registry(state_dict, kind.registry)
     if fitting:
         lines.append(
             f"This checkpoint fits {' / '.join(fitting)} ({shape_summary}): "
-            f"build_dit({fitting[0]!r}, ...) or dit_from_checkpoint(checkpoint) loads it."
+            f"{kind.build.__name__}({fitting[0]!r}, ...) or {kind.loader_name}(checkpoint) loads it."
         )
     else:
         lines.append(
             f"No registry entry fits this checkpoint ({shape_summary}); "
-            "dit_from_checkpoint(checkpoint) builds a DiT from its shapes."
+            f"{kind.loader_name}(checkpoint) builds a {kind.model_class.__name__} from its shapes."
         )
     return "\n".join(lines)
 
@@ -322,6 +349,31 @@ def dit_from_checkpoint(
     name picks a registry entry; without it the architecture is read from the shapes (infer_dit_config).
     kwargs override constructor arguments (e.g. num_heads, which shapes cannot reveal).
     """
+    return _model_from_checkpoint(_DIT_KIND, path_or_state_dict, name, prefer, kwargs)
+
+
+def sit_from_checkpoint(
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    name: str | None = None,
+    *,
+    prefer: str = "ema",
+    **kwargs: Any,
+) -> SiT:
+    """Build a SiT for a checkpoint (e.g. SiT-XL-2-256x256.pt) and load it strictly, as dit_from_checkpoint.
+
+    name picks a SiT registry entry ('SiT-XL/2', ...); without it the architecture is read from the shapes.
+    """
+    return _model_from_checkpoint(_SIT_KIND, path_or_state_dict, name, prefer, kwargs)
+
+
+def _model_from_checkpoint(
+    kind: _ModelKind,
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    name: str | None,
+    prefer: str,
+    kwargs: dict[str, Any],
+) -> DiT:
+    """Read the checkpoint, build kind's model from its registry or the shapes, and load it strictly."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         checkpoint = load_checkpoint_file(path_or_state_dict)
     else:
@@ -330,7 +382,7 @@ def dit_from_checkpoint(
     # Build on meta (no initialisation cost), then allocate; the strict load below fills every tensor.
     if name is None:
         with torch.device("meta"):
-            model = DiT(**{**infer_dit_config(state_dict), **kwargs})
+            model = kind.model_class(**{**infer_dit_config(state_dict), **kwargs})
     else:
         try:
             config = infer_dit_config(state_dict)
@@ -338,7 +390,7 @@ def dit_from_checkpoint(
         except ValueError:
             data_kwargs = {}  # not DiT-shaped: the strict load below explains the mismatch
         with torch.device("meta"):
-            model = build_dit(name, **{**data_kwargs, **kwargs})
+            model = kind.build(name, **{**data_kwargs, **kwargs})
     # Copies, not the checkpoint's tensors: a model built from another model's state dict must not share them.
     model.to_empty(device="cpu")
     load_dit_state_dict(model, state_dict)

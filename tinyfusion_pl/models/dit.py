@@ -8,12 +8,14 @@ written here with timm's parameter names, so timm is not needed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tinyfusion_pl.objectives.base import mix_guided_halves
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -340,12 +342,11 @@ class DiT(nn.Module):
         # Both halves see the same input (DiT's convention), so they stay identical across sampling steps.
         half = x[: x.shape[0] // 2]  # (N/2, C, H, W)
         model_out = self.forward(torch.cat([half, half], dim=0), t, y)  # (N, C_out, H, W)
-        eps = model_out[:, :guidance_channels]  # (N, g, H, W)
-        rest = model_out[:, guidance_channels:]  # (N, C_out - g, H, W)
-        cond_eps, uncond_eps = eps.chunk(2, dim=0)  # 2 x (N/2, g, H, W)
-        guided_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)  # (N/2, g, H, W)
-        eps = torch.cat([guided_eps, guided_eps], dim=0)  # (N, g, H, W)
-        return torch.cat([eps, rest], dim=1)  # (N, C_out, H, W)
+        cond_out, uncond_out = model_out.chunk(2, dim=0)  # 2 x (N/2, C_out, H, W)
+        guided = mix_guided_halves(cond_out, uncond_out, cfg_scale, self.in_channels, guidance_channels)
+        # Both halves carry the guided channels; each keeps its own unguided rest, as DiT returns them.
+        uncond_guided = torch.cat([guided[:, :guidance_channels], uncond_out[:, guidance_channels:]], dim=1)
+        return torch.cat([guided, uncond_guided], dim=0)  # (N, C_out, H, W)
 
 
 def _validate_dit_arguments(**arguments: Any) -> None:
@@ -418,8 +419,13 @@ def sincos_position_embedding_2d(
 # Architecture keywords a registry entry fixes; the rest (input_size, in_channels, ...) and depth may be set.
 _FIXED_BY_ENTRY = ("hidden_size", "num_heads", "patch_size")
 
+# DiT or a model built on its backbone (SiT), so a registry of that class returns that class.
+ModelT = TypeVar("ModelT", bound=DiT)
 
-def _registry_dit(name: str, architecture: dict[str, int], overrides: dict[str, Any]) -> DiT:
+
+def registry_entry(
+    model_class: type[ModelT], name: str, overrides: dict[str, Any], **architecture: int
+) -> ModelT:
     """Build a registry entry; overrides may set depth and the data keywords, not width, heads or patch."""
     clashes = sorted(set(_FIXED_BY_ENTRY) & set(overrides))
     if clashes:
@@ -427,97 +433,112 @@ def _registry_dit(name: str, architecture: dict[str, int], overrides: dict[str, 
         raise ValueError(
             f"{name} fixes {', '.join(clashes)} ({fixed}); got "
             f"{', '.join(f'{key}={overrides[key]!r}' for key in clashes)}. "
-            "Build DiT(...) directly for another width, head count or patch size."
+            f"Build {model_class.__name__}(...) directly for another width, head count or patch size."
         )
-    return DiT(**{**architecture, **overrides})
+    return model_class(**{**architecture, **overrides})
+
+
+def build_from_registry(
+    registry: Mapping[str, Callable[..., ModelT]],
+    model_class: type[ModelT],
+    name: str,
+    kwargs: dict[str, Any],
+) -> ModelT:
+    """Build the entry `name` of a registry of model_class, or name the valid entries."""
+    if name not in registry:
+        raise ValueError(
+            f"unknown {model_class.__name__} model name={name!r}; valid names: {', '.join(registry)}. "
+            f"Pick one of these, or build {model_class.__name__}(...) directly for a custom size."
+        )
+    return registry[name](**kwargs)
 
 
 # Each factory builds one public size; kwargs set the data keywords (input_size, in_channels, num_classes,
 # learn_sigma, class_dropout_prob) and may override depth.
 def DiT_XL_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-XL/2", dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2), kwargs)
+    return registry_entry(DiT, "DiT-XL/2", kwargs, depth=28, hidden_size=1152, num_heads=16, patch_size=2)
 
 
 def DiT_XL_4(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-XL/4", dict(depth=28, hidden_size=1152, num_heads=16, patch_size=4), kwargs)
+    return registry_entry(DiT, "DiT-XL/4", kwargs, depth=28, hidden_size=1152, num_heads=16, patch_size=4)
 
 
 def DiT_XL_8(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-XL/8", dict(depth=28, hidden_size=1152, num_heads=16, patch_size=8), kwargs)
+    return registry_entry(DiT, "DiT-XL/8", kwargs, depth=28, hidden_size=1152, num_heads=16, patch_size=8)
 
 
 def DiT_L_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-L/2", dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2), kwargs)
+    return registry_entry(DiT, "DiT-L/2", kwargs, depth=24, hidden_size=1024, num_heads=16, patch_size=2)
 
 
 def DiT_L_4(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-L/4", dict(depth=24, hidden_size=1024, num_heads=16, patch_size=4), kwargs)
+    return registry_entry(DiT, "DiT-L/4", kwargs, depth=24, hidden_size=1024, num_heads=16, patch_size=4)
 
 
 def DiT_L_8(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-L/8", dict(depth=24, hidden_size=1024, num_heads=16, patch_size=8), kwargs)
+    return registry_entry(DiT, "DiT-L/8", kwargs, depth=24, hidden_size=1024, num_heads=16, patch_size=8)
 
 
 def DiT_B_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-B/2", dict(depth=12, hidden_size=768, num_heads=12, patch_size=2), kwargs)
+    return registry_entry(DiT, "DiT-B/2", kwargs, depth=12, hidden_size=768, num_heads=12, patch_size=2)
 
 
 def DiT_B_4(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-B/4", dict(depth=12, hidden_size=768, num_heads=12, patch_size=4), kwargs)
+    return registry_entry(DiT, "DiT-B/4", kwargs, depth=12, hidden_size=768, num_heads=12, patch_size=4)
 
 
 def DiT_B_8(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-B/8", dict(depth=12, hidden_size=768, num_heads=12, patch_size=8), kwargs)
+    return registry_entry(DiT, "DiT-B/8", kwargs, depth=12, hidden_size=768, num_heads=12, patch_size=8)
 
 
 def DiT_S_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-S/2", dict(depth=12, hidden_size=384, num_heads=6, patch_size=2), kwargs)
+    return registry_entry(DiT, "DiT-S/2", kwargs, depth=12, hidden_size=384, num_heads=6, patch_size=2)
 
 
 def DiT_S_4(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-S/4", dict(depth=12, hidden_size=384, num_heads=6, patch_size=4), kwargs)
+    return registry_entry(DiT, "DiT-S/4", kwargs, depth=12, hidden_size=384, num_heads=6, patch_size=4)
 
 
 def DiT_S_8(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-S/8", dict(depth=12, hidden_size=384, num_heads=6, patch_size=8), kwargs)
+    return registry_entry(DiT, "DiT-S/8", kwargs, depth=12, hidden_size=384, num_heads=6, patch_size=8)
 
 
 # TinyFusion's shallow results: DiT-XL/2 width with 19, 14 or 7 of its blocks kept.
 def DiT_D19_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-D19/2", dict(depth=19, hidden_size=1152, num_heads=16, patch_size=2), kwargs)
+    return registry_entry(DiT, "DiT-D19/2", kwargs, depth=19, hidden_size=1152, num_heads=16, patch_size=2)
 
 
 def DiT_D14_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-D14/2", dict(depth=14, hidden_size=1152, num_heads=16, patch_size=2), kwargs)
+    return registry_entry(DiT, "DiT-D14/2", kwargs, depth=14, hidden_size=1152, num_heads=16, patch_size=2)
 
 
 def DiT_D7_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-D7/2", dict(depth=7, hidden_size=1152, num_heads=16, patch_size=2), kwargs)
+    return registry_entry(DiT, "DiT-D7/2", kwargs, depth=7, hidden_size=1152, num_heads=16, patch_size=2)
 
 
 # Small sizes for CPU work (e.g. 8x8 or 16x16 digits): Tiny has 8 blocks of width 128, Mini 12 of width 256.
 def DiT_Tiny_1(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-Tiny/1", dict(depth=8, hidden_size=128, num_heads=4, patch_size=1), kwargs)
+    return registry_entry(DiT, "DiT-Tiny/1", kwargs, depth=8, hidden_size=128, num_heads=4, patch_size=1)
 
 
 def DiT_Tiny_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-Tiny/2", dict(depth=8, hidden_size=128, num_heads=4, patch_size=2), kwargs)
+    return registry_entry(DiT, "DiT-Tiny/2", kwargs, depth=8, hidden_size=128, num_heads=4, patch_size=2)
 
 
 def DiT_Tiny_4(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-Tiny/4", dict(depth=8, hidden_size=128, num_heads=4, patch_size=4), kwargs)
+    return registry_entry(DiT, "DiT-Tiny/4", kwargs, depth=8, hidden_size=128, num_heads=4, patch_size=4)
 
 
 def DiT_Mini_1(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-Mini/1", dict(depth=12, hidden_size=256, num_heads=4, patch_size=1), kwargs)
+    return registry_entry(DiT, "DiT-Mini/1", kwargs, depth=12, hidden_size=256, num_heads=4, patch_size=1)
 
 
 def DiT_Mini_2(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-Mini/2", dict(depth=12, hidden_size=256, num_heads=4, patch_size=2), kwargs)
+    return registry_entry(DiT, "DiT-Mini/2", kwargs, depth=12, hidden_size=256, num_heads=4, patch_size=2)
 
 
 def DiT_Mini_4(**kwargs: Any) -> DiT:
-    return _registry_dit("DiT-Mini/4", dict(depth=12, hidden_size=256, num_heads=4, patch_size=4), kwargs)
+    return registry_entry(DiT, "DiT-Mini/4", kwargs, depth=12, hidden_size=256, num_heads=4, patch_size=4)
 
 
 DiT_models: dict[str, Callable[..., DiT]] = {
@@ -533,9 +554,4 @@ DiT_models: dict[str, Callable[..., DiT]] = {
 
 def build_dit(name: str, **kwargs: Any) -> DiT:
     """Build the registry entry `name` (e.g. 'DiT-XL/2'); kwargs go to the DiT constructor."""
-    if name not in DiT_models:
-        raise ValueError(
-            f"unknown DiT model name={name!r}; valid names: {', '.join(DiT_models)}. "
-            "Pick one of these, or build DiT(...) directly for a custom size."
-        )
-    return DiT_models[name](**kwargs)
+    return build_from_registry(DiT_models, DiT, name, kwargs)
