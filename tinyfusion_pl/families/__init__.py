@@ -9,9 +9,10 @@ import torch.nn as nn
 
 from tinyfusion_pl.families.base import ModelFamily
 from tinyfusion_pl.families.dit import DiTFamily
+from tinyfusion_pl.families.sit import SiTFamily
 
 # Order does not matter: the lookup walks the net's class hierarchy, most specific class first.
-FAMILIES: tuple[ModelFamily, ...] = (DiTFamily(),)
+FAMILIES: tuple[ModelFamily, ...] = (DiTFamily(), SiTFamily())
 
 
 def find_family(net: nn.Module) -> ModelFamily | None:
@@ -35,4 +36,4 @@ def family_of(net: nn.Module) -> ModelFamily:
     )
 
 
-__all__ = ["FAMILIES", "DiTFamily", "ModelFamily", "family_of", "find_family"]
+__all__ = ["FAMILIES", "DiTFamily", "ModelFamily", "SiTFamily", "family_of", "find_family"]
