@@ -153,7 +153,7 @@ def test_an_explicit_pruned_checkpoint_and_the_teacher_alone(tmp_path):
     (["evaluate.fid=inception"], ValueError, "evaluate.fid=inception needs real images.*evaluate.reference_npz"),
     (["evaluate.device=tpu"], ValueError, "evaluate.device='tpu' is not one of"),
     (["data=latents", "data.root=/nonexistent", "model=dit_xl_2"], ValueError,
-     "holds latents: evaluation needs images, so set evaluate.vae"),
+     "samples 4-channel latents: evaluation needs images, so set evaluate.vae"),
     (["data=latents", "data.root=/nonexistent", "model=dit_xl_2", "evaluate.vae=x", "evaluate.fid=digits"], ValueError,
      "evaluate.fid=digits needs the digits data"),
     (["evaluate.pruned_checkpoint=/nonexistent/model.pt"], FileNotFoundError,

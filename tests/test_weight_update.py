@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tinyfusion_pl.callbacks.block_mask import DifferentiableBlockMask
 from tinyfusion_pl.callbacks.weight_update import CoOptimizedWeightUpdate
-from tinyfusion_pl.models import DiT
-from tinyfusion_pl.objectives import GaussianDiffusion
+from tinyfusion_pl.models import DiT, SiT
+from tinyfusion_pl.objectives import FlowMatching, GaussianDiffusion
 from tinyfusion_pl.pruning.export import prune_blocks
 from tinyfusion_pl.pruning.lora import LoRALinear
 
@@ -277,22 +277,28 @@ def test_state_dict_round_trip_and_a_mismatched_checkpoint():
         CoOptimizedWeightUpdate(rank=4, alpha=16).load_state_dict(saved)
 
 
-class DenoiserModule(L.LightningModule):
-    """A hand-built user module: a tiny DiT trained with DiT's diffusion loss, blocks at `denoiser.blocks`."""
+# The two user setups: a DiT with DiT's Gaussian diffusion, a SiT with SiT's flow matching.
+DENOISERS = {"dit": (DiT, GaussianDiffusion), "sit": (SiT, FlowMatching)}
 
-    def __init__(self):
+
+class DenoiserModule(L.LightningModule):
+    """A hand-built user module: a tiny DiT or SiT trained with its own objective, blocks at `denoiser.blocks`."""
+
+    def __init__(self, kind: str = "dit"):
         super().__init__()
         torch.manual_seed(0)
-        self.denoiser = DiT(input_size=4, patch_size=2, in_channels=2, hidden_size=16, depth=4, num_heads=2, num_classes=3)
+        model_class, objective_class = DENOISERS[kind]
+        self.denoiser = model_class(input_size=4, patch_size=2, in_channels=2, hidden_size=16, depth=4, num_heads=2,
+                                    num_classes=3)
         with torch.no_grad():  # adaLN-Zero starts every block as the identity; random weights make them matter
             for parameter in self.denoiser.parameters():
                 parameter.copy_(0.3 * torch.randn_like(parameter))
-        self.diffusion = GaussianDiffusion()
+        self.objective = objective_class()
 
     def training_step(self, batch, batch_index):
         x, y = batch
-        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
-        return self.diffusion.training_losses(self.denoiser, x, t, model_kwargs={"y": y})["loss"].mean()
+        t = self.objective.sample_timesteps(x.shape[0], x.device)  # long steps (DiT) or float times (SiT)
+        return self.objective.training_losses(self.denoiser, x, t, model_kwargs={"y": y})["loss"].mean()
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.0)
@@ -326,10 +332,11 @@ class TrainingRecord(L.Callback):
         self.export_during_fit = prune_blocks(pl_module.denoiser, blocks="blocks", keep=self.mask.kept_blocks)
 
 
-@pytest.mark.parametrize("method", ["lora", "frozen"])
-def test_with_the_block_mask_only_gates_and_adapters_learn_and_the_export_has_the_original_weights(method):
+@pytest.mark.parametrize("kind,method", [("dit", "lora"), ("dit", "frozen"), ("sit", "lora")])
+def test_with_the_block_mask_only_gates_and_adapters_learn_and_the_export_has_the_original_weights(kind, method):
     torch.manual_seed(0)
-    module = DenoiserModule()
+    module = DenoiserModule(kind)
+    model_class = DENOISERS[kind][0]
     before = snapshot(module)
     mask = DifferentiableBlockMask(blocks="denoiser.blocks", pattern="1:2", plot=False)
     record = TrainingRecord(mask)
@@ -361,7 +368,9 @@ def test_with_the_block_mask_only_gates_and_adapters_learn_and_the_export_has_th
     kept = mask.kept_blocks
     assert len(kept) == 2 and kept[0] in (0, 1) and kept[1] in (2, 3)
     shallow = prune_blocks(module.denoiser, blocks="blocks", keep=kept)
-    reference = DiT(input_size=4, patch_size=2, in_channels=2, hidden_size=16, depth=2, num_heads=2, num_classes=3)
+    assert type(shallow) is model_class
+    reference = model_class(input_size=4, patch_size=2, in_channels=2, hidden_size=16, depth=2, num_heads=2,
+                            num_classes=3)
     reference.load_state_dict(shallow.state_dict(), strict=True)
     for new_index, old_index in enumerate(kept):
         assert torch.equal(shallow.blocks[new_index].mlp.fc1.weight, before[f"denoiser.blocks.{old_index}.mlp.fc1.weight"])
