@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tinyfusion_pl.evaluation.sampling import class_balanced_labels, sample_images
-from tinyfusion_pl.families import family_of
+from tinyfusion_pl.families import family_of, find_family
 from tinyfusion_pl.objectives import DiffusionObjective
 
 
@@ -26,11 +26,8 @@ def count_blocks(net: nn.Module) -> int | None:
 
     None for a net that no model family describes.
     """
-    try:
-        family = family_of(net)
-    except ValueError:
-        return None
-    return sum(family.block_counts(net))
+    family = find_family(net)
+    return None if family is None else sum(family.block_counts(net))
 
 
 def denoiser_inputs(
