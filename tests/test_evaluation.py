@@ -33,8 +33,8 @@ from tinyfusion_pl.evaluation import (
     uint8_to_images,
 )
 from tinyfusion_pl.evaluation.speed import interleaved_seconds
-from tinyfusion_pl.models import DiT, build_dit
-from tinyfusion_pl.objectives import GaussianDiffusion
+from tinyfusion_pl.models import DiT, build_dit, build_sit
+from tinyfusion_pl.objectives import FlowMatching, GaussianDiffusion
 from tinyfusion_pl.pruning.export import prune_blocks
 
 # --------------------------------------------------------------------------- images and the .npz format
@@ -380,6 +380,20 @@ def test_sampling_speed_reports_consistent_ratios_for_a_half_depth_model():
     assert results["half"]["speedup"] == pytest.approx(results["dense"]["seconds"] / results["half"]["seconds"])
     table = speed_table(results)
     assert table.count("\n") == 3 and "| half | 2 |" in table
+
+
+def test_speed_of_a_sit_with_flow_matching_passes_its_sampler_options():
+    dense = build_sit("SiT-Tiny/2", input_size=8, in_channels=1, num_classes=10, depth=4)
+    half = prune_blocks(dense, blocks="blocks", keep=[0, 2])
+    objective = FlowMatching()
+    # SiT computes DiT's learned-sigma output and drops that half: DiT's FLOPs, with float times.
+    assert forward_flops(dense, objective) == analytic_dit_flops(1, 8, 2, 1, 128, 4)
+    results = sampling_speed({"dense": dense, "half": half}, objective, batch_size=2, steps=2, repeats=1, warmup=0,
+                             method="heun")
+    assert [results[name]["blocks"] for name in ("dense", "half")] == [4, 2]
+    assert results["half"]["ideal_speedup"] == pytest.approx(forward_flops(dense, objective) / forward_flops(half, objective))
+    with pytest.raises(ValueError, match="FlowMatching has no sampler option 'eta'"):
+        sampling_speed({"dense": dense}, objective, eta=0.0)
 
 
 def test_sampling_speed_refuses_bad_arguments_by_name():
