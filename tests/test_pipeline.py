@@ -10,6 +10,7 @@ import pytest
 
 from tests.test_configs import REPO
 from tests.test_stage_prune import compose_run
+from tinyfusion_pl.models import DiT, SiT, dit_from_checkpoint, sit_from_checkpoint
 from tinyfusion_pl.stages import run_stage
 
 SHRUNKEN = ["pretrain.max_steps=4", "pruning.max_steps=4", "pruning.calibration_batches=1", "recover.max_steps=4",
@@ -18,10 +19,12 @@ SHRUNKEN = ["pretrain.max_steps=4", "pruning.max_steps=4", "pruning.calibration_
             "evaluate.speed.repeats=1"]
 
 
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=["dit_digits", "sit_digits"])
+def pipeline_run(request, tmp_path_factory):
+    """The DiT default, and the SiT default (experiment=sit_digits: SiT with flow matching), shrunk to seconds."""
     run_dir, cache_dir = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("cache")
-    cfg = compose_run(run_dir, cache_dir, "stage=pipeline", *SHRUNKEN)
+    experiment = [] if request.param == "dit_digits" else [f"experiment={request.param}"]
+    cfg = compose_run(run_dir, cache_dir, "stage=pipeline", *experiment, *SHRUNKEN)
     return run_stage(cfg), run_dir
 
 
@@ -87,3 +90,20 @@ def test_compare_selectors_writes_the_table_and_the_scatter_plot(tmp_path):
     assert "| learnable |" in (run_dir / "comparison.md").read_text()
     for name in names:
         assert (run_dir / name / "recover" / "model.pt").is_file()
+
+
+def test_each_family_trains_samples_and_exports_with_its_own_objective(pipeline_run):
+    _, run_dir = pipeline_run
+    evaluation = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    decision = json.loads((run_dir / "prune" / "decision.json").read_text())
+    assert decision["blocks"] == "blocks" and decision["num_blocks"] == 4
+    is_sit = "SiT-Tiny/2" in (run_dir / "report.md").read_text()
+    if is_sit:  # flow matching: Heun on the ODE, no x0 clipping option; the export is a SiT
+        assert evaluation["settings"]["method"] == "heun" and "clip_denoised" not in evaluation["settings"]
+        shallow = sit_from_checkpoint(run_dir / "prune" / "pruned.pt")
+    else:  # Gaussian diffusion: DDIM with pixel clipping; the export is a DiT
+        assert evaluation["settings"]["method"] == "ddim" and evaluation["settings"]["clip_denoised"] is True
+        shallow = dit_from_checkpoint(run_dir / "prune" / "pruned.pt")
+    assert type(shallow) is (SiT if is_sit else DiT) and shallow.depth == len(decision["kept_blocks"]) == 2
+    recovered = json.loads((run_dir / "recover" / "metrics.json").read_text())
+    assert recovered["distill"] == "masked_kd" and recovered["feature_pairs"]
