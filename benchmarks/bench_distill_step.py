@@ -1,8 +1,9 @@
-"""Cost of a masked-KD recovery step against a plain KD step and a plain fine-tuning step.
+"""Cost of a masked-KD recovery step against a plain KD step and a plain fine-tuning step, for a DiT or SiT.
 
 All three variants train the same pruned student (the teacher's blocks picked by BK-SDM's rule, half the
 depth) on the same batch, with the same frozen teacher, on the same machine, in one run:
-  finetune   DiffusionModule's diffusion loss (MSE + VB) on the student alone; no teacher forward.
+  finetune   DiffusionModule's training loss on the student alone (the model's own objective by default: DiT
+             Gaussian diffusion, MSE + VB; SiT flow matching; or --objective); no teacher forward.
   kd         DistillationModule: 0.9 * KD + 0.1 * GT, the teacher run once without autograd.
   masked_kd  the same plus beta * FEAT over every student block (decision pairing, 2-sigma mask).
 Each step is forward, backward, gradient clipping at 1.0 and an AdamW update of the student.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 from collections.abc import Callable
 
@@ -32,20 +34,22 @@ import torch.nn as nn
 
 # Run as a script, Python puts this folder first on sys.path, so the shared benchmark machinery imports as `common`.
 from common import (
-    add_model_arguments,
     add_step_arguments,
+    add_step_model_arguments,
+    build_objective,
     input_size_for_tokens,
     machine_description,
     measure_memory_in_subprocess,
     measured_settings,
-    nontrivial_dit,
+    nontrivial_model,
     parse_step_arguments,
     peak_memory_of_steps,
     report_to_parent,
-    time_interleaved,
 )
 
 from tinyfusion_pl.distill import DistillationModule, decision_pairing
+from tinyfusion_pl.evaluation.speed import interleaved_seconds
+from tinyfusion_pl.families import family_of
 from tinyfusion_pl.io import save_json
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.pruning.export import prune_blocks
@@ -57,7 +61,7 @@ TARGET_RATIO = 1.10  # masked KD step time / plain KD step time
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_model_arguments(parser, model_help="registry entry of the teacher")
+    add_step_model_arguments(parser, model_help="registry entry of the teacher")
     parser.add_argument("--sigma-k", type=float, default=2.0, help="k of the masked-KD mask")
     parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
     add_step_arguments(parser, VARIANTS)
@@ -66,26 +70,32 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_models(arguments: argparse.Namespace) -> tuple[nn.Module, nn.Module, list[int]]:
     """The teacher (every block made non-trivial) and its half-depth student, on the device."""
-    teacher = nontrivial_dit(arguments.model, input_size_for_tokens(arguments.model, arguments.tokens), arguments.seed)
-    kept = bk_sdm_blocks(len(teacher.blocks))
-    student = prune_blocks(teacher, "blocks", kept)
+    teacher = nontrivial_model(arguments.model, input_size_for_tokens(arguments.model, arguments.tokens), arguments.seed)
+    blocks = family_of(teacher).block_path()
+    kept = bk_sdm_blocks(len(teacher.get_submodule(blocks)))
+    student = prune_blocks(teacher, blocks, kept)
     return teacher.to(arguments.device), student.to(arguments.device), kept
 
 
-def build_batch(student: nn.Module, arguments: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+def build_batch(student: nn.Module, arguments: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+    """Random samples and, for a class-conditional model, labels: the (x, y) or x batch the modules take."""
+    family = family_of(student)
     generator = torch.Generator().manual_seed(arguments.seed + 1)
-    x = torch.randn(arguments.batch, student.in_channels, student.input_size, student.input_size, generator=generator)
-    y = torch.randint(0, student.num_classes, (arguments.batch,), generator=generator)
-    return x.to(arguments.device), y.to(arguments.device)
+    x = torch.randn(arguments.batch, *family.sample_shape(student), generator=generator).to(arguments.device)
+    if family.num_classes(student) is None:
+        return x
+    y = torch.randint(0, family.num_classes(student), (arguments.batch,), generator=generator)
+    return x, y.to(arguments.device)
 
 
 def build_module(variant: str, teacher: nn.Module, student: nn.Module, kept: list[int],
                  arguments: argparse.Namespace) -> DiffusionModule:
     """The LightningModule the recover stage builds for this variant, around its own copy of the student."""
-    options = dict(lr=arguments.lr, ema_decay=None)
+    options = dict(objective=build_objective(arguments.objective, teacher), lr=arguments.lr, ema_decay=None)
     if variant == "finetune":
         return DiffusionModule(student, **options).to(arguments.device)
-    pairs = decision_pairing(kept, len(teacher.blocks)) if variant == "masked_kd" else None
+    teacher_depth = sum(family_of(teacher).block_counts(teacher))
+    pairs = decision_pairing(kept, teacher_depth) if variant == "masked_kd" else None
     module = DistillationModule(student, teacher, feature_pairs=pairs, sigma_k=arguments.sigma_k, **options)
     module.teacher.to(arguments.device)
     return module.to(arguments.device)
@@ -120,7 +130,8 @@ def time_variants(arguments: argparse.Namespace) -> dict[str, list[float]]:
     batch = build_batch(student, arguments)
     steps = {name: step_function(name, build_module(name, teacher, copy.deepcopy(student), kept, arguments), arguments)
              for name in VARIANTS}
-    seconds = time_interleaved(steps, batch, arguments.warmup, arguments.steps, arguments.device)
+    seconds = interleaved_seconds({name: functools.partial(step, batch) for name, step in steps.items()},
+                                  repeats=arguments.steps, warmup=arguments.warmup, device=arguments.device)
     return {name: values["wall"] for name, values in seconds.items()}
 
 
@@ -147,11 +158,12 @@ def main(argv: list[str] | None = None) -> dict:
     memory = {name: measure_memory_in_subprocess(__file__, name, arguments) for name in VARIANTS}
     median_ms = {name: 1000 * statistics.median(values) for name, values in seconds.items()}
     teacher, student, kept = build_models(arguments)
+    teacher_depth, student_depth = (sum(family_of(net).block_counts(net)) for net in (teacher, student))
     results = {
         "config": measured_settings(arguments),
         "machine": machine_description(arguments.device),
-        "models": {"teacher_blocks": len(teacher.blocks), "student_blocks": len(student.blocks), "kept_blocks": kept,
-                   "feature_pairs": [list(pair) for pair in decision_pairing(kept, len(teacher.blocks))]},
+        "models": {"teacher_blocks": teacher_depth, "student_blocks": student_depth, "kept_blocks": kept,
+                   "feature_pairs": [list(pair) for pair in decision_pairing(kept, teacher_depth)]},
         "median_step_ms": median_ms,
         "step_ms": {name: [1000 * value for value in values] for name, values in seconds.items()},
         "time_ratio_masked_kd_to_kd": median_ms["masked_kd"] / median_ms["kd"],
@@ -169,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
 def print_table(results: dict) -> None:
     config, memory, median_ms, models = results["config"], results["memory_mib"], results["median_step_ms"], results["models"]
     print(
-        f"{config['model']} teacher ({models['teacher_blocks']} blocks) -> student of {models['student_blocks']} blocks "
+        f"{config['model']} teacher with {config['objective']} ({models['teacher_blocks']} blocks) -> student of {models['student_blocks']} blocks "
         f"{models['kept_blocks']}, batch {config['batch']} x {config['tokens']} tokens, {config['device']}, "
         f"{results['machine']['threads']} threads, {config['steps']} measured steps per variant "
         f"(load average {results['machine']['load_average_1min']:.2f})"

@@ -1,8 +1,8 @@
-"""What the step benchmarks share: their command line, a non-trivial DiT, interleaved timing, peak memory.
+"""What the benchmarks share: their command line, a non-trivial DiT or SiT with its objective, peak memory.
 
 Time: the variants' steps rotate (A B, B A, ... for two; A B C, B C A, C A B, ... for three) in one
 process, so drifts in machine load hit every variant alike; wall and process CPU seconds are recorded
-per step after warm-up.
+per step after warm-up (tinyfusion_pl.evaluation.speed.interleaved_seconds, the timer of sampling_speed).
 Peak memory: each variant runs alone in a fresh subprocess (this script again, with --measure-memory),
 so no variant inherits another's allocator cache. On CPU the figure is the kernel's high-water mark of
 this process's resident memory (VmHWM in /proc/self/status): it sees every short-lived peak, which
@@ -21,14 +21,15 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from tinyfusion_pl.models import DiT_models
+from tinyfusion_pl.evaluation.speed import denoiser_inputs
+from tinyfusion_pl.models import DiT_models, SiT_models, build_dit, build_sit
+from tinyfusion_pl.objectives import DiffusionObjective, FlowMatching, GaussianDiffusion
 
 # Whatever a benchmark's step function takes: a dict of tensors, a tuple (x, y), ...
 Batch = Any
@@ -36,13 +37,24 @@ Batch = Any
 # Flags that say where results go or which mode runs, not what is measured.
 _NOT_SETTINGS = ("out", "measure_memory")
 
+MODEL_NAMES = sorted(DiT_models) + sorted(SiT_models)
+OBJECTIVES = ("flow_matching", "gaussian")
+
 
 # ------------------------------------------------------------------------------------ command line
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
-    """Add --model, --batch and --tokens: which DiT is stepped and on how much data."""
-    parser.add_argument("--model", default="DiT-Mini/2", choices=sorted(DiT_models), help=model_help)
+def add_model_arguments(parser: argparse.ArgumentParser, model_help: str, default: str = "DiT-Mini/2") -> None:
+    """Add --model and --objective: which DiT or SiT registry entry is run, trained or sampled with which objective."""
+    parser.add_argument("--model", default=default, choices=MODEL_NAMES,
+                        help=f"{model_help} (a DiT or SiT registry entry)")
+    parser.add_argument("--objective", default=None, choices=OBJECTIVES,
+                        help="default: flow_matching for SiT, gaussian for DiT")
+
+
+def add_step_model_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """Add --model, --objective, --batch and --tokens: which model is stepped and on how much data."""
+    add_model_arguments(parser, model_help)
     parser.add_argument("--batch", type=int, default=16, help="samples per step")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per sample (a square grid of patches)")
 
@@ -65,8 +77,9 @@ def add_step_arguments(parser: argparse.ArgumentParser, variants: Sequence[str])
 
 
 def parse_step_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse `argv` and refuse a non-square --tokens or step counts out of range."""
+    """Parse `argv`, fill in the model's own objective, refuse a non-square --tokens or step counts out of range."""
     arguments = parser.parse_args(argv)
+    arguments.objective = arguments.objective or default_objective(arguments.model)
     grid = math.isqrt(arguments.tokens)
     if grid * grid != arguments.tokens:
         parser.error(f"--tokens={arguments.tokens} must be a perfect square (a grid of patches), e.g. 64 or 256.")
@@ -96,15 +109,20 @@ def machine_description(device: str) -> dict:
 
 
 def input_size_for_tokens(model_name: str, tokens: int) -> int:
-    """The latent side at which the registry DiT `model_name` sees `tokens` tokens (a square grid)."""
-    patch_size = int(model_name.rsplit("/", 1)[1])
-    return patch_size * math.isqrt(tokens)
+    """The latent side at which the registry model `model_name` sees `tokens` tokens (a square grid)."""
+    return patch_size_of(model_name) * math.isqrt(tokens)
 
 
-def nontrivial_dit(model_name: str, input_size: int, seed: int) -> nn.Module:
-    """The registry DiT built under `seed`, its zero-initialised weights perturbed so that every block acts."""
+def patch_size_of(model_name: str) -> int:
+    """The patch side of a registry entry, from its name ('DiT-S/2' -> 2)."""
+    return int(model_name.rsplit("/", 1)[1])
+
+
+def nontrivial_model(model_name: str, input_size: int, seed: int) -> nn.Module:
+    """The registry DiT or SiT built under `seed`, its zero-initialised weights perturbed so that every block acts."""
     torch.manual_seed(seed)
-    model = DiT_models[model_name](input_size=input_size)
+    model = build_sit(model_name, input_size=input_size) if model_name in SiT_models \
+        else build_dit(model_name, input_size=input_size)
     # adaLN-Zero makes fresh blocks identities and the output zero; a trained model's are not, so perturb the zeros.
     with torch.no_grad():
         for parameter in model.parameters():
@@ -113,32 +131,25 @@ def nontrivial_dit(model_name: str, input_size: int, seed: int) -> nn.Module:
     return model
 
 
-# ------------------------------------------------------------------------------------ time
+def default_objective(model_name: str) -> str:
+    """The objective a registry model was published with: flow matching for SiT, Gaussian diffusion for DiT."""
+    return "flow_matching" if model_name in SiT_models else "gaussian"
 
 
-def synchronize(device: str) -> None:
-    """Wait for queued CUDA kernels, so a timer read afterwards covers the work; no-op on CPU."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+@torch.no_grad()
+def build_objective(name: str, model: nn.Module) -> DiffusionObjective:
+    """FlowMatching, or GaussianDiffusion with a learned variance exactly when the model returns one.
 
-
-def time_interleaved(
-    steps: Mapping[str, Callable[[Batch], object]], batch: Batch, warmup: int, measured: int, device: str
-) -> dict[str, dict[str, list[float]]]:
-    """Wall and process CPU seconds of each measured step per variant, the order rotating every round."""
-    names = tuple(steps)
-    seconds: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
-    for iteration in range(warmup + measured):
-        shift = iteration % len(names)
-        for name in names[shift:] + names[:shift]:
-            synchronize(device)
-            wall_start, cpu_start = time.perf_counter(), time.process_time()
-            steps[name](batch)
-            synchronize(device)
-            if iteration >= warmup:
-                seconds[name]["wall"].append(time.perf_counter() - wall_start)
-                seconds[name]["cpu"].append(time.process_time() - cpu_start)
-    return seconds
+    DiT with learn_sigma returns 2C channels (eps and the variance), SiT returns C whatever its learn_sigma:
+    one forward of a single zero sample tells which.
+    """
+    if name == "flow_matching":
+        return FlowMatching()
+    x, t, condition = denoiser_inputs(model, 1, next(model.parameters()).device)
+    was_training = model.training
+    output_channels = model.eval()(x, t, **condition).shape[1]
+    model.train(was_training)
+    return GaussianDiffusion(learn_sigma=output_channels == 2 * x.shape[1])
 
 
 # ------------------------------------------------------------------------------------ memory
