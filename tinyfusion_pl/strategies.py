@@ -8,14 +8,53 @@ import torch.nn as nn
 from hydra.utils import get_class
 from lightning.pytorch.strategies import FSDPStrategy
 
+from tinyfusion_pl.families import find_family
+
+
+def family_block_classes(root: nn.Module) -> tuple[type[nn.Module], ...]:
+    """The classes of the blocks of every model under `root` that a family describes."""
+    classes: set[type[nn.Module]] = set()
+    for module in root.modules():
+        family = find_family(module)
+        if family is not None:
+            for path in family.blocks:
+                classes.update(type(block) for block in module.get_submodule(path))
+    if not classes:
+        raise ValueError(
+            f"no model family describes a model inside {type(root).__name__}, so FSDP cannot tell its blocks: "
+            "pass trainer.strategy.wrap_blocks=[dotted.path.of.YourBlock]."
+        )
+    return tuple(classes)
+
+
+class FamilyBlockWrapPolicy:
+    """FSDP auto-wrap policy: one shard unit per transformer block of the model's family.
+
+    The block classes are read from the model itself when FSDP first calls the policy (on the root module),
+    so one trainer config serves every family.
+    """
+
+    def __init__(self) -> None:
+        self.block_classes: tuple[type[nn.Module], ...] | None = None
+
+    def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        if self.block_classes is None:
+            self.block_classes = family_block_classes(module)
+        return True if recurse else isinstance(module, self.block_classes)
+
 
 def fsdp_strategy(
-    wrap_blocks: Sequence[str] = ("tinyfusion_pl.models.dit.DiTBlock",),
+    wrap_blocks: Sequence[str] | None = None,
     activation_checkpointing: bool = False,
     sharding_strategy: str = "FULL_SHARD",
     state_dict_type: str = "full",
 ) -> FSDPStrategy:
-    """FSDP that shards each transformer block on its own (`wrap_blocks`: dotted class paths)."""
+    """FSDP that shards each transformer block on its own: the family's blocks, or the `wrap_blocks` classes."""
+    if wrap_blocks is None:
+        if activation_checkpointing:
+            raise ValueError("activation_checkpointing=true needs the block classes: pass wrap_blocks=[dotted.path.Block].")
+        return FSDPStrategy(auto_wrap_policy=FamilyBlockWrapPolicy(), sharding_strategy=sharding_strategy,
+                            state_dict_type=state_dict_type)
     block_classes: set[type[nn.Module]] = {get_class(path) for path in wrap_blocks}
     return FSDPStrategy(
         auto_wrap_policy=block_classes,
