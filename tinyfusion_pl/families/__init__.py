@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from tinyfusion_pl.families.base import ModelFamily
+from tinyfusion_pl.families.base import BlockStreams, ModelFamily
 from tinyfusion_pl.families.dit import DiTFamily
 from tinyfusion_pl.families.sit import SiTFamily
 
@@ -36,4 +36,4 @@ def family_of(net: nn.Module) -> ModelFamily:
     )
 
 
-__all__ = ["FAMILIES", "DiTFamily", "ModelFamily", "SiTFamily", "family_of", "find_family"]
+__all__ = ["FAMILIES", "BlockStreams", "DiTFamily", "ModelFamily", "SiTFamily", "family_of", "find_family"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,6 +20,21 @@ import torch.nn as nn
 
 from tinyfusion_pl.io import save_torch
 from tinyfusion_pl.models.checkpoints import extract_state_dict, load_checkpoint_file, load_dit_state_dict
+
+
+@dataclass(frozen=True)
+class BlockStreams:
+    """The streams a multi-stream block takes and returns (SD3, Flux: image tokens and text tokens).
+
+    inputs: the names of the block's stream arguments, whether passed by position (in forward's order) or
+    by keyword. outputs: for a block that returns a tuple, which input stream each returned position is
+    (e.g. ("encoder_hidden_states", "hidden_states") for diffusers' joint blocks). A dropped block returns
+    every input stream unchanged in that order. The first input is the hidden state that selectors and
+    distillation compare.
+    """
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
 
 
 class ModelFamily:
@@ -60,6 +76,16 @@ class ModelFamily:
     def block_counts(self, net: nn.Module) -> list[int]:
         """The length of every block container of `net`, in computation order."""
         return [len(net.get_submodule(path)) for path in self.blocks]
+
+    def block_streams(self, container_index: int) -> BlockStreams | None:
+        """The streams of the blocks in container `container_index`; None for blocks with one hidden state."""
+        return None
+
+    def check_kept_blocks(self, net: nn.Module, kept_blocks: Sequence[int]) -> None:
+        """Refuse, with the reason, a decision (global indices in computation order) that cannot be exported."""
+
+    def after_depth_change(self, net: nn.Module, block_counts: Sequence[int]) -> None:
+        """Record new container lengths where the model keeps its depth (e.g. a diffusers config); DiT needs nothing."""
 
     def at_depth(self, net: nn.Module, block_counts: Sequence[int]) -> nn.Module:
         """A freshly initialised model like `net` but with `block_counts` blocks in its containers."""
