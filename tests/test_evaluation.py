@@ -33,6 +33,7 @@ from tinyfusion_pl.evaluation import (
     uint8_to_images,
 )
 from tinyfusion_pl.evaluation.speed import interleaved_seconds
+from tinyfusion_pl.families import ModelFamily
 from tinyfusion_pl.models import DiT, build_dit, build_sit
 from tinyfusion_pl.objectives import FlowMatching, GaussianDiffusion
 from tinyfusion_pl.pruning.export import prune_blocks
@@ -149,14 +150,26 @@ class LabelRecorder(nn.Module):
         return torch.zeros_like(x) * self.weight
 
 
+class LabelRecorderFamily(ModelFamily):
+    """The recorder described as a family: how a user's own model meets generic code."""
+
+    name = "label_recorder"
+    model_class = LabelRecorder
+    blocks = ()
+    depth_arguments = ()
+
+    def sample_shape(self, net):
+        return (net.in_channels, net.input_size, net.input_size)
+
+
 def test_guidance_runs_the_net_on_the_labels_and_the_null_label():
-    net = LabelRecorder()
+    net, family = LabelRecorder(), LabelRecorderFamily()
     sample_images(net, GaussianDiffusion(learn_sigma=False), torch.tensor([0, 2]), steps=1, method="ddim",
-                  cfg_scale=4.0, progress=False)
+                  cfg_scale=4.0, progress=False, family=family)
     assert [y.tolist() for y in net.seen] == [[0, 2, 3, 3]]  # [conditional; unconditional] with null label 3
     net.seen.clear()
     sample_images(net, GaussianDiffusion(learn_sigma=False), torch.tensor([0, 2]), steps=1, method="ddim",
-                  cfg_scale=1.0, progress=False)
+                  cfg_scale=1.0, progress=False, family=family)
     assert [y.tolist() for y in net.seen] == [[0, 2]]
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from tinyfusion_pl.families import family_of
+from tinyfusion_pl.families import ModelFamily, family_of
 from tinyfusion_pl.io import write_atomically
 from tinyfusion_pl.objectives import DiffusionObjective, classifier_free_guidance
 
@@ -69,11 +69,12 @@ def sample_images(
     decode: Decoder | None = None,
     progress: bool = True,
     description: str = "sampling",
+    family: ModelFamily | None = None,
     **sampler_options: Any,
 ) -> torch.Tensor:
     """Class-conditional samples (N, ...) for `labels`, drawn batch by batch on the net's device, on the CPU.
 
-    The net's family (tinyfusion_pl.families) gives the sample shape, the conditioning and the null label.
+    The net's family (`family`, default family_of(net)) gives the sample shape, the conditioning and the null label.
     cfg_scale > 1 applies classifier-free guidance; guidance_channels None guides every noise channel, 3 is
     DiT's reproduction setting. `sampler_options` go to `objective.sample` (GaussianDiffusion: steps, method,
     eta, clip_denoised; FlowMatching: steps, method, ...), which checks them before anything runs. The same
@@ -81,7 +82,7 @@ def sample_images(
     compared sample by sample. `decode` maps each batch of the net's samples to images in [-1, 1] (a VAE
     decoder for latent models, see sd_vae_decoder); without it the net's samples are returned as they are.
     """
-    family = family_of(net)
+    family = family_of(net) if family is None else family
     _validate_sampling_arguments(family.num_classes(net), labels, cfg_scale, batch_size)
     objective.check_sampler_options(sampler_options)
     device = next(net.parameters()).device
