@@ -233,7 +233,7 @@ def test_a_hand_built_user_module_is_pruned_by_adding_the_callbacks_and_left_as_
     initial_logits = [logits.detach().clone() for logits in mask.gates.gate_logits]
     callbacks = [mask]
     if with_weight_update:
-        callbacks.append(CoOptimizedWeightUpdate(method="lora", rank=4, blocks="encoder.layers"))
+        callbacks.append(CoOptimizedWeightUpdate(method="lora", rank=4))  # adapts the mask's blocks
     trainer = quick_trainer(tmp_path, max_steps=6, callbacks=callbacks)
     trainer.fit(module, train_dataloaders=index_loader(6))
 

@@ -201,7 +201,7 @@ def test_full_trains_the_blocks_and_by_default_restores_the_original_weights():
     before = snapshot(module)
     probe = Probe()
 
-    fit(module, [CoOptimizedWeightUpdate(method="full"), probe])
+    fit(module, [CoOptimizedWeightUpdate(method="full", blocks="net.blocks"), probe])
 
     block_names = [name for name in before if name.startswith("net.blocks.")]
     assert probe.trainable == ["net.embed.weight", "net.embed.bias", *block_names]
@@ -214,7 +214,7 @@ def test_full_trains_the_blocks_and_by_default_restores_the_original_weights():
 def test_full_with_merge_keeps_the_trained_weights():
     module = Regression()
     probe = Probe()
-    fit(module, [CoOptimizedWeightUpdate(method="full", merge=True), probe])
+    fit(module, [CoOptimizedWeightUpdate(method="full", blocks="net.blocks", merge=True), probe])
     after = snapshot(module)
     assert all(torch.equal(after[name], probe.parameters_at_end[name]) for name in after)
 
@@ -223,7 +223,7 @@ def test_frozen_trains_nothing_of_the_model():
     module = Regression()
     before = snapshot(module)
     probe = Probe()
-    fit(module, [CoOptimizedWeightUpdate(method="frozen"), probe])
+    fit(module, [CoOptimizedWeightUpdate(method="frozen", blocks="net.blocks"), probe])
     assert probe.trainable == []
     assert all(torch.equal(probe.parameters_at_end[name], before[name]) for name in before)
     assert all(p.requires_grad for p in module.parameters())
@@ -233,7 +233,7 @@ def test_an_optimizer_without_the_adapters_is_refused_and_the_model_restored():
     module = Regression(optimize="head")
     before = snapshot(module)
     with pytest.raises(ValueError, match=r"optimizer does not hold 12 trainable parameters of 'net.blocks'.*self.parameters\(\)"):
-        fit(module, [CoOptimizedWeightUpdate(rank=2)])
+        fit(module, [CoOptimizedWeightUpdate(rank=2, blocks="net.blocks")])
     assert not any(isinstance(m, LoRALinear) for m in module.modules())
     assert all(p.requires_grad for p in module.parameters())
     assert all(torch.equal(p, before[name]) for name, p in module.named_parameters())
@@ -252,7 +252,7 @@ def test_a_resumed_run_ends_with_the_adapters_of_an_uninterrupted_run(tmp_path):
     # One batch per epoch: every step sees the same data, however Lightning re-enters the epoch loop.
     def run(probe, max_steps, ckpt_path=None):
         checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / str(max_steps), every_n_train_steps=3, save_top_k=-1)
-        callbacks = [CoOptimizedWeightUpdate(rank=2, alpha=4), probe, checkpoints]
+        callbacks = [CoOptimizedWeightUpdate(rank=2, alpha=4, blocks="net.blocks"), probe, checkpoints]
         fit(Regression(), callbacks, max_steps, ckpt_path, enable_checkpointing=True, batches_per_epoch=1)
 
     uninterrupted, stopped, resumed = Probe(), Probe(), Probe()
@@ -340,7 +340,7 @@ def test_with_the_block_mask_only_gates_and_adapters_learn_and_the_export_has_th
     before = snapshot(module)
     mask = DifferentiableBlockMask(blocks="denoiser.blocks", pattern="1:2", plot=False)
     record = TrainingRecord(mask)
-    update = CoOptimizedWeightUpdate(method=method, blocks="denoiser.blocks", **({"rank": 2} if method == "lora" else {}))
+    update = CoOptimizedWeightUpdate(method=method, **({"rank": 2} if method == "lora" else {}))  # the mask's blocks
     trainer = L.Trainer(
         max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[mask, update, record],

@@ -17,8 +17,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from tinyfusion_pl.io import save_json
-from tinyfusion_pl.pruning.block_hooks import BlockMask, BlockMaskHooks
-from tinyfusion_pl.pruning.containers import resolve_block_container
+from tinyfusion_pl.pruning.block_hooks import BlockMask, BlockMaskHooks, StreamsArgument, sequence_streams, streams_problem
+from tinyfusion_pl.pruning.containers import BlockPaths, block_paths_problem, describe_paths, resolve_block_sequence
 from tinyfusion_pl.pruning.dynamics import decision_dynamics_figure, save_figure_atomically
 from tinyfusion_pl.pruning.gates import BlockGates, Schedule, linear_schedule
 from tinyfusion_pl.pruning.patterns import BlockPattern, Group
@@ -65,7 +65,7 @@ class DifferentiableBlockMask(Callback):
     """Learns, while the user's LightningModule trains, which N of every M consecutive blocks to keep.
 
     Every block of ``blocks`` keeps running, but its output hidden state becomes
-    ``m * block(x, ...) + (1 - m) * x`` with a per-sample hard 0/1 mask ``m`` drawn once per training batch by
+    ``m * block(x, ...) + (1 - m) * x`` (every stream of a multi-stream block alike) with a per-sample hard 0/1 mask ``m`` drawn once per training batch by
     a straight-through Gumbel-softmax over the C(M, N) keep-options of its group. Outside training batches
     (validation, sampling, ``trainer.validate``) every block follows the current decision, so the logged
     validation metrics measure the pruned model. The decision is, per group, the option with the largest
@@ -78,8 +78,14 @@ class DifferentiableBlockMask(Callback):
     every rank draws its own Gumbel noise (more masks per step), and identical logits, updates and EMA give
     the same decision on every rank by construction.
 
+        mask = DifferentiableBlockMask(blocks="net.blocks", pattern="2:4")
+        trainer = L.Trainer(max_steps=10_000, callbacks=[mask, CoOptimizedWeightUpdate()])  # adapts mask's blocks
+
     Args:
-        blocks: dotted path from the LightningModule to the container of blocks (e.g. ``"net.blocks"``).
+        blocks: dotted path from the LightningModule to the container of blocks (e.g. ``"net.blocks"``), or a
+            list of paths whose blocks run one container after the other (Flux:
+            ``["net.transformer_blocks", "net.single_transformer_blocks"]``). Their blocks form one sequence:
+            patterns, groups and ``kept_blocks`` use global indices in the order listed.
         pattern: ``"N:M"`` for equal consecutive groups, or a list of ``[N, M]`` groups whose M cover the depth.
         keep_ratio: instead of ``pattern``, the kept fraction of blocks; with ``group_size`` the M of the groups,
             without it the smallest group size that realises the ratio on this depth.
@@ -94,6 +100,10 @@ class DifferentiableBlockMask(Callback):
         ema_decay: decay of the moving average of the logits that makes the decision.
         hidden_state: positional index or keyword name of the hidden-state argument of a block's forward.
             The batch must be its first dimension, and blocks must not modify it in place.
+        streams: for blocks that take and return several streams, a ``BlockStreams`` naming the stream
+            arguments and the stream each returned position carries (or a list with one per container); a
+            dropped block passes every stream through. None: the streams the model family of the module that
+            owns the blocks gives (SD3, Flux), else one hidden state (``hidden_state``).
         total_steps: optimizer steps the schedules span; default ``trainer.estimated_stepping_batches``.
         seed: seed of the Gumbel noise; default ``torch.initial_seed()`` (the one ``L.seed_everything`` set).
             Each draw is seeded from (seed, rank, draw count), so a resumed run draws the same noise.
@@ -103,7 +113,7 @@ class DifferentiableBlockMask(Callback):
 
     def __init__(
         self,
-        blocks: str,
+        blocks: BlockPaths,
         pattern: str | Sequence[Sequence[int]] | None = None,
         keep_ratio: float | None = None,
         group_size: int | None = None,
@@ -113,6 +123,7 @@ class DifferentiableBlockMask(Callback):
         lr_multiplier: float = 10.0,
         ema_decay: float = 0.999,
         hidden_state: int | str = 0,
+        streams: StreamsArgument = None,
         total_steps: int | None = None,
         seed: int | None = None,
         plot: bool = True,
@@ -120,11 +131,8 @@ class DifferentiableBlockMask(Callback):
     ) -> None:
         super().__init__()
         errors = []
-        if not isinstance(blocks, str) or not blocks:
-            errors.append(
-                f"blocks={blocks!r} must be the dotted path from the LightningModule to the block container, "
-                "e.g. blocks='net.blocks'."
-            )
+        paths_problem = block_paths_problem(blocks)
+        errors += [paths_problem + "."] if paths_problem else []
         try:
             self.pattern = BlockPattern.parse(pattern, keep_ratio, group_size)
         except ValueError as error:
@@ -146,6 +154,14 @@ class DifferentiableBlockMask(Callback):
                 f"hidden_state={hidden_state!r} must be the positional index (>= 0) or the keyword name of the "
                 "hidden-state argument of a block's forward, e.g. 0 or 'x'."
             )
+        container_count = 1 if paths_problem or isinstance(blocks, str) else len(blocks)
+        message = streams_problem(streams, container_count)
+        errors += [message + "."] if message else []
+        if streams is not None and hidden_state != 0:
+            errors.append(
+                f"hidden_state={hidden_state!r} and streams were both given; with streams, the first input stream "
+                "is the hidden state: drop hidden_state."
+            )
         for name, value in (("total_steps", total_steps), ("log_every_n_steps", log_every_n_steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 errors.append(f"{name}={value!r} must be a positive integer or None (None: taken from the Trainer).")
@@ -154,7 +170,8 @@ class DifferentiableBlockMask(Callback):
         if errors:
             raise ValueError("DifferentiableBlockMask: " + "\n".join(errors))
 
-        self.blocks = blocks
+        self.blocks = blocks if isinstance(blocks, str) else list(blocks)
+        self.streams = streams
         self.init_logit = float(init_logit)
         self.lr_multiplier = float(lr_multiplier)
         self.ema_decay = float(ema_decay)
@@ -181,6 +198,7 @@ class DifferentiableBlockMask(Callback):
         self._kept_mask: list[bool] | None = None
         self._run_steps: int | None = None
         self._record_every = 1
+        self._container_starts: list[int] = []
 
     # ------------------------------------------------------------------ public read-outs
 
@@ -241,13 +259,14 @@ class DifferentiableBlockMask(Callback):
 
     def plot_dynamics(self, path: str | os.PathLike) -> Path:
         """Write the decision-dynamics PNG (kept blocks per group against the step) at `path`, atomically."""
-        return save_figure_atomically(decision_dynamics_figure(self._history, self.groups), path)
+        figure = decision_dynamics_figure(self._history, self.groups, container_starts=self._container_starts)
+        return save_figure_atomically(figure, path)
 
     def _ready_gates(self) -> BlockGates:
         if self.gates is None:
             raise RuntimeError(
                 f"DifferentiableBlockMask(pattern={self.pattern.describe()!r}) does not know the depth of "
-                f"'{self.blocks}' yet: the decision exists once trainer.fit (or validate) has run setup. "
+                f"{describe_paths(self.blocks)} yet: the decision exists once trainer.fit (or validate) has run setup. "
                 "Pass pattern as an explicit list of [N, M] groups to have it from construction."
             )
         return self.gates
@@ -255,8 +274,8 @@ class DifferentiableBlockMask(Callback):
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        container = resolve_block_container(pl_module, self.blocks)
-        groups = self.pattern.groups_for_depth(len(container))
+        sequence = resolve_block_sequence(pl_module, self.blocks)
+        groups = self.pattern.groups_for_depth(len(sequence))
         if self.gates is None:
             self.gates = BlockGates(groups, self.init_logit)
         if self._pending_state is not None:
@@ -266,7 +285,9 @@ class DifferentiableBlockMask(Callback):
             self._seed = torch.initial_seed()
         self._rank = trainer.global_rank
         self._remove_hooks()
-        self._hooks = BlockMaskHooks(list(container), self._mask_for_block, self.hidden_state)
+        self._hooks = BlockMaskHooks(sequence.blocks, self._mask_for_block, self.hidden_state,
+                                     streams=sequence_streams(pl_module, sequence, self.streams))
+        self._container_starts = sequence.starts
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning 2.6 order: setup -> callback state restored -> configure_optimizers -> on_fit_start ->
@@ -323,13 +344,13 @@ class DifferentiableBlockMask(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._history or self._history[-1]["step"] != trainer.global_step:
             self._record(trainer.global_step)
-        rank_zero_info(f"DifferentiableBlockMask: keeping blocks {self.kept_blocks} of '{self.blocks}'.")
+        rank_zero_info(f"DifferentiableBlockMask: keeping blocks {self.kept_blocks} of {describe_paths(self.blocks)}.")
         if not self.plot:
             return
         run_folder = trainer.log_dir or trainer.default_root_dir  # collective call: every rank asks
         if not trainer.is_global_zero:
             return
-        figure = decision_dynamics_figure(self._history, self.groups)
+        figure = decision_dynamics_figure(self._history, self.groups, container_starts=self._container_starts)
         path = save_figure_atomically(figure, Path(run_folder) / DYNAMICS_FILENAME)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # WandbLogger and loggers shaped like it

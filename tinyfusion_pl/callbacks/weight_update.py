@@ -8,9 +8,18 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn as nn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from tinyfusion_pl.pruning.containers import resolve_block_container
+from tinyfusion_pl.callbacks.block_mask import DifferentiableBlockMask
+from tinyfusion_pl.pruning.containers import (
+    BlockPaths,
+    BlockSequence,
+    block_paths,
+    block_paths_problem,
+    describe_containers,
+    describe_paths,
+    resolve_block_sequence,
+)
 from tinyfusion_pl.pruning.lora import LoRALinear, inject_lora, lora_argument_problems, remove_lora
 
 METHODS = ("lora", "full", "frozen")
@@ -25,6 +34,9 @@ class CoOptimizedWeightUpdate(L.Callback):
     gets its original weights, plain Linear layers and requires_grad flags back (the paper's choice);
     merge=True keeps the learned update in the weights instead.
 
+    blocks=None (the default) adapts exactly the blocks of the DifferentiableBlockMask in the same Trainer,
+    so the path is written once, on the mask; give `blocks` (one path or a list) to adapt others.
+
         mask = DifferentiableBlockMask(blocks="net.blocks", pattern="2:4")
         trainer = L.Trainer(max_steps=10_000, callbacks=[mask, CoOptimizedWeightUpdate(method="lora", rank=8)])
     """
@@ -35,7 +47,7 @@ class CoOptimizedWeightUpdate(L.Callback):
         rank: int = 8,
         alpha: float = 16.0,
         dropout: float = 0.0,
-        blocks: str = "net.blocks",
+        blocks: BlockPaths | None = None,
         merge: bool = False,
         target: Sequence[str] | None = None,
     ):
@@ -45,8 +57,9 @@ class CoOptimizedWeightUpdate(L.Callback):
                 f"method={method!r} is not one of {list(METHODS)}: 'lora' trains low-rank adapters (the paper's "
                 "default), 'full' all block weights, 'frozen' nothing but the gates"
             )
-        if not isinstance(blocks, str) or not blocks:
-            problems.append(f"blocks={blocks!r} must be the dotted path to the block container, e.g. 'net.blocks'")
+        paths_problem = None if blocks is None else block_paths_problem(blocks)
+        if paths_problem:
+            problems.append(paths_problem + " (or None: the blocks of the DifferentiableBlockMask)")
         if not isinstance(merge, bool):
             problems.append(f"merge={merge!r} must be True or False")
         elif merge and method == "frozen":
@@ -58,11 +71,11 @@ class CoOptimizedWeightUpdate(L.Callback):
         self.rank = rank
         self.alpha = alpha
         self.dropout = dropout
-        self.blocks = blocks
+        self.blocks = blocks if blocks is None or isinstance(blocks, str) else list(blocks)
         self.merge = merge
         self.target = None if target is None else ([target] if isinstance(target, str) else list(target))
         self.wrapped_layers: list[str] = []
-        self._container: nn.Module | None = None
+        self._sequence: BlockSequence | None = None
         self._requires_grad_before: list[tuple[nn.Parameter, bool]] = []
         self._weights_before: list[tuple[nn.Parameter, torch.Tensor]] = []
 
@@ -71,26 +84,30 @@ class CoOptimizedWeightUpdate(L.Callback):
         # the adapters in the state dict and configure_optimizers sees exactly the trainable update.
         if stage != "fit":
             return
-        if self._container is not None:
+        if self._sequence is not None:
             raise RuntimeError(
                 "This CoOptimizedWeightUpdate is already active on a model; use one instance per running fit."
             )
-        container = resolve_block_container(pl_module, self.blocks)
+        sequence = resolve_block_sequence(pl_module, self._blocks_to_adapt(trainer, pl_module))
         # Recorded first: if anything below fails, on_exception restores the model from this.
-        self._container = container
+        self._sequence = sequence
         self._requires_grad_before = [(p, p.requires_grad) for p in pl_module.parameters()]
         self.wrapped_layers = []
         if self.method == "lora":
             # Wrapped before freezing, so that each wrapper records its layer's own flags for an export.
-            self.wrapped_layers = inject_lora(
-                container, rank=self.rank, alpha=self.alpha, dropout=self.dropout, target=self.target
-            )
+            for path, container in zip(sequence.paths, sequence.containers, strict=True):
+                names = inject_lora(container, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                                    target=self.target)
+                # Names relative to the container; prefixed with its path when there are several.
+                self.wrapped_layers += names if len(sequence.paths) == 1 else [f"{path}.{name}" for name in names]
         if self.method in ("lora", "frozen"):
-            adapters = {id(p) for m in container.modules() if isinstance(m, LoRALinear) for p in m.adapters()}
+            adapters = {id(p) for container in sequence.containers for m in container.modules()
+                        if isinstance(m, LoRALinear) for p in m.adapters()}
             for parameter in pl_module.parameters():
                 parameter.requires_grad_(id(parameter) in adapters)
         if self.method == "full":
-            container.requires_grad_(True)
+            for container in sequence.containers:
+                container.requires_grad_(True)
             if not self.merge:
                 # Kept on the CPU so that discarding the update costs no accelerator memory.
                 self._weights_before = [
@@ -104,15 +121,48 @@ class CoOptimizedWeightUpdate(L.Callback):
             + (f", LoRA rank {self.rank} on {len(self.wrapped_layers)} Linear layers." if self.method == "lora" else ".")
         )
 
+    def _blocks_to_adapt(self, trainer: L.Trainer, pl_module: L.LightningModule) -> BlockPaths:
+        """The given `blocks`, else those of the DifferentiableBlockMask in the Trainer; refuse when there is none."""
+        masks = [callback for callback in trainer.callbacks if isinstance(callback, DifferentiableBlockMask)]
+        gated = {block_paths(mask.blocks) for mask in masks}
+        if self.blocks is not None:
+            if gated and block_paths(self.blocks) not in gated:
+                rank_zero_warn(
+                    f"CoOptimizedWeightUpdate adapts blocks={describe_paths(self.blocks)} while the "
+                    f"DifferentiableBlockMask gates {' and '.join(describe_paths(mask.blocks) for mask in masks)}: "
+                    "the update then simulates the recovery of other blocks than those being pruned. Leave "
+                    "blocks=None to adapt exactly the gated blocks."
+                )
+            return self.blocks
+        if len(gated) == 1:
+            return masks[0].blocks
+        if gated:
+            raise ValueError(
+                f"CoOptimizedWeightUpdate(blocks=None) adapts the blocks of the DifferentiableBlockMask, but the "
+                f"Trainer has {len(masks)} masks on different blocks "
+                f"({', '.join(describe_paths(mask.blocks) for mask in masks)}). Pass blocks=... to choose."
+            )
+        raise ValueError(
+            f"CoOptimizedWeightUpdate(blocks=None) adapts the blocks of the DifferentiableBlockMask in the same "
+            f"Trainer, but trainer.callbacks has none. Containers of same-class blocks in "
+            f"{type(pl_module).__name__}: {describe_containers(pl_module)}. Pass one of them (or a list) as "
+            "blocks=..., or add a DifferentiableBlockMask(blocks=...) to the callbacks."
+        )
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._container is None or self.method == "frozen":
+        if self._sequence is None or self.method == "frozen":
             return
         in_optimizer = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]}
-        missing = [name for name, p in self._container.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+        missing = [
+            name if len(self._sequence.paths) == 1 else f"{path}.{name}"
+            for path, container in zip(self._sequence.paths, self._sequence.containers, strict=True)
+            for name, p in container.named_parameters() if p.requires_grad and id(p) not in in_optimizer
+        ]
         if missing:
+            blocks = self._sequence.paths[0] if len(self._sequence.paths) == 1 else list(self._sequence.paths)
             raise ValueError(
                 f"CoOptimizedWeightUpdate(method={self.method!r}): the optimizer does not hold {len(missing)} "
-                f"trainable parameters of {self.blocks!r}, e.g. {missing[:3]}. The update is created in setup, "
+                f"trainable parameters of {describe_paths(blocks)}, e.g. {missing[:3]}. The update is created in setup, "
                 "before configure_optimizers runs: build the optimizer from self.parameters() there "
                 "(frozen weights cost nothing: they get no gradient)."
             )
@@ -126,16 +176,17 @@ class CoOptimizedWeightUpdate(L.Callback):
         self._restore_model()
 
     def _restore_model(self) -> None:
-        if self._container is None:
+        if self._sequence is None:
             return
         if self.method == "lora":
-            remove_lora(self._container, merge=self.merge)
+            for container in self._sequence.containers:
+                remove_lora(container, merge=self.merge)
         with torch.no_grad():
             for parameter, weights in self._weights_before:
                 parameter.copy_(weights)
         for parameter, requires_grad in self._requires_grad_before:
             parameter.requires_grad_(requires_grad)
-        self._container = None
+        self._sequence = None
         self._requires_grad_before = []
         self._weights_before = []
 

@@ -19,8 +19,9 @@ from tinyfusion_pl.distill.losses import (
 from tinyfusion_pl.families import find_family
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.objectives import DiffusionObjective, split_batch
-from tinyfusion_pl.pruning.block_hooks import split_hidden_output
-from tinyfusion_pl.pruning.containers import resolve_block_container
+from tinyfusion_pl.families import BlockStreams
+from tinyfusion_pl.pruning.block_hooks import BlockCall, StreamsArgument, sequence_streams
+from tinyfusion_pl.pruning.containers import BlockPaths, resolve_block_sequence
 
 # What the module asks of its objective: every DiffusionObjective has them.
 _OBJECTIVE_METHODS = ("q_sample", "model_timesteps", "loss_terms", "distillation_terms")
@@ -46,11 +47,24 @@ class FrozenTeacher:
 
 
 class FeatureCapture:
-    """A context manager whose forward hooks record the output hidden states of some blocks; removed on exit."""
+    """A context manager whose forward hooks record the output hidden states of some blocks; removed on exit.
 
-    def __init__(self, blocks: Sequence[nn.Module], indices: Sequence[int]) -> None:
+    `blocks` is the sequence of blocks (global indices); `streams` describes multi-stream blocks (one
+    BlockStreams for all, or one or None per block): their returned hidden state, the output position that
+    carries the first input stream (`hidden_states` for SD3 and Flux), is what is recorded.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        indices: Sequence[int],
+        streams: BlockStreams | Sequence[BlockStreams | None] | None = None,
+    ) -> None:
         self.blocks = blocks
         self.indices = sorted(set(indices))
+        per_block = [streams] * len(blocks) if streams is None or isinstance(streams, BlockStreams) else streams
+        # Only the captured blocks are described: reading a block's signature costs more than its hook.
+        self.calls = {index: BlockCall(blocks[index], per_block[index]) for index in self.indices}
         self.features: dict[int, torch.Tensor] = {}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -66,7 +80,7 @@ class FeatureCapture:
 
     def _recorder(self, index: int) -> Any:
         def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            self.features[index] = split_hidden_output(output)[0]  # (N, T, D)
+            self.features[index] = self.calls[index].hidden_output(output)  # (N, T, D)
 
         return record
 
@@ -78,7 +92,9 @@ class DistillationModule(DiffusionModule):
     to both the way the net's family says). KD is the objective's output distillation (GaussianDiffusion:
     eps MSE plus the learned-variance KL; FlowMatching: velocity MSE); FEAT is the masked representation loss
     (`feature_loss`: 'reference' or 'both_masks', see masked_feature_mse) over `feature_pairs` of
-    (student block, teacher block) in the block container `blocks` (default: the family's), with beta
+    (student block, teacher block) in the block containers `blocks` (one path or a list: global indices in the
+    order listed; default: the family's), between the hidden states (for multi-stream blocks, `streams` or
+    the family's: the first input stream's output), with beta
     decaying linearly from feature_weight[0] to feature_weight[1] over the run. Other keyword arguments go
     to DiffusionModule (lr, lr_schedule, ema_decay, ...).
     """
@@ -93,7 +109,8 @@ class DistillationModule(DiffusionModule):
         feature_pairs: Sequence[Sequence[int]] | None = None,
         feature_weight: Sequence[float] = (1e-2, 0.0),
         sigma_k: float | None = 2.0,
-        blocks: str | None = None,
+        blocks: BlockPaths | None = None,
+        streams: StreamsArgument = None,
         feature_loss: str = "reference",
         skip_nonfinite_steps: bool = True,
         **module_kwargs: Any,
@@ -103,18 +120,21 @@ class DistillationModule(DiffusionModule):
         # Rebound before DiffusionModule saves the init arguments: a FrozenTeacher is never taken for a submodule.
         teacher = FrozenTeacher(teacher)
         super().__init__(net, objective=objective, skip_nonfinite_steps=skip_nonfinite_steps, **module_kwargs)
-        self.save_hyperparameters(ignore=["net", "objective", "teacher"])
+        self.save_hyperparameters(ignore=["net", "objective", "teacher", "streams"])
         self._check_arguments(kd_weight, gt_weight, feature_weight, sigma_k, feature_loss)
         self.teacher = teacher
         self.family = find_family(net)
         if blocks is None and self.family is None:
             raise ValueError(f"no model family describes {type(net).__name__}: pass blocks='<path of its block list>'.")
         # Resolved on use, not stored: a stored ModuleList would become a submodule and duplicate the weights.
-        self.blocks_path = blocks if blocks is not None else self.family.block_path()
+        if blocks is None:
+            blocks = self.family.blocks[0] if len(self.family.blocks) == 1 else list(self.family.blocks)
+        self.blocks_path = blocks
+        self.streams = streams
         self.feature_pairs: list[Pair] = []
         if feature_pairs is not None:
-            student_depth = len(resolve_block_container(self.net, self.blocks_path))
-            teacher_depth = len(resolve_block_container(teacher.net, self.blocks_path))
+            student_depth = len(resolve_block_sequence(self.net, self.blocks_path))
+            teacher_depth = len(resolve_block_sequence(teacher.net, self.blocks_path))
             self.feature_pairs = check_pairs(feature_pairs, student_depth, teacher_depth, name="feature_pairs")
         self.label_dropout = 0.0 if self.family is None else self.family.label_dropout(net)
         self._total_steps = 1
@@ -173,10 +193,8 @@ class DistillationModule(DiffusionModule):
         cond = self.label_drops(cond, generator)
         student_indices = [student for student, _ in self.feature_pairs]
         teacher_indices = [teacher for _, teacher in self.feature_pairs]
-        student_blocks = resolve_block_container(self.net, self.blocks_path)
-        teacher_blocks = resolve_block_container(self.teacher.net, self.blocks_path)
-        with FeatureCapture(student_blocks, student_indices) as student_features, \
-                FeatureCapture(teacher_blocks, teacher_indices) as teacher_features:
+        with self.feature_capture(self.net, student_indices) as student_features, \
+                self.feature_capture(self.teacher.net, teacher_indices) as teacher_features:
             student_output = self.net(x_t, model_t, **cond)  # (N, C_out, H, W)
             teacher_output = self.teacher(x_t, model_t, **cond)  # (N, C_out, H, W)
         ground_truth = self.objective.loss_terms(student_output, x, x_t, t, noise)
@@ -193,6 +211,11 @@ class DistillationModule(DiffusionModule):
             loss = loss + feature_weight * terms["feat"]
         terms["loss"] = loss
         return terms
+
+    def feature_capture(self, net: nn.Module, indices: Sequence[int]) -> FeatureCapture:
+        """A FeatureCapture of the blocks at `indices` (global) of `net`'s block sequence."""
+        sequence = resolve_block_sequence(net, self.blocks_path)
+        return FeatureCapture(sequence.blocks, indices, sequence_streams(net, sequence, self.streams))
 
     def current_feature_weight(self) -> float:
         """beta at this step: linear from feature_weight[0] to feature_weight[1] over the run."""

@@ -18,8 +18,14 @@ from tinyfusion_pl.pruning.patterns import Group, enumerate_options, group_start
 _MIN_OPACITY = 0.08
 
 
-def decision_dynamics_figure(history: Sequence[Mapping[str, Any]], groups: Sequence[Group]) -> Figure:
-    """A figure with one dot per kept block per recorded step, coloured by group, opacity = group confidence."""
+def decision_dynamics_figure(
+    history: Sequence[Mapping[str, Any]], groups: Sequence[Group], container_starts: Sequence[int] = ()
+) -> Figure:
+    """A figure with one dot per kept block per recorded step, coloured by group, opacity = group confidence.
+
+    Block indices are global over the block containers; `container_starts` (the global index of each
+    container's first block) draws where one container ends and the next begins.
+    """
     figure = Figure(figsize=(7.0, 4.0), dpi=120)
     FigureCanvasAgg(figure)  # attaches an Agg canvas without touching pyplot's global state
     axes = figure.add_subplot()
@@ -39,6 +45,8 @@ def decision_dynamics_figure(history: Sequence[Mapping[str, Any]], groups: Seque
     depth = sum(size for _, size in groups)
     for start in starts[1:]:
         axes.axhline(start - 0.5, color="0.85", linewidth=0.6)
+    for start in list(container_starts)[1:]:
+        axes.axhline(start - 0.5, color="0.3", linewidth=1.0, linestyle="--")
     axes.set_ylim(depth - 0.5, -0.5)
     axes.set_xlabel("step")
     axes.set_ylabel("kept block index")

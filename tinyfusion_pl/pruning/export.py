@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
-from tinyfusion_pl.pruning.containers import resolve_block_container
+from tinyfusion_pl.pruning.containers import BlockPaths, described_owners, resolve_block_sequence
 from tinyfusion_pl.pruning.lora import remove_lora
 
 # Hook tables that gating machinery may have filled; the exported copy starts without any of them.
@@ -23,7 +23,9 @@ _RUNTIME_HOOK_TABLES = (
 )
 
 
-def check_kept_blocks(keep: Iterable[int], depth: int, blocks: str | None = "blocks", argument: str = "keep") -> list[int]:
+def check_kept_blocks(
+    keep: Iterable[int], depth: int, blocks: str | list[str] | None = "blocks", argument: str = "keep"
+) -> list[int]:
     """Return `keep` as sorted block indices after checking they are distinct integers in [0, depth).
 
     `argument` is the name the caller's user wrote the list under, `blocks` the attribute path of the
@@ -55,33 +57,46 @@ def check_kept_blocks(keep: Iterable[int], depth: int, blocks: str | None = "blo
     return sorted(indices)
 
 
-def prune_blocks(model: nn.Module, blocks: str, keep: Iterable[int], merge: bool = False) -> nn.Module:
+def prune_blocks(model: nn.Module, blocks: BlockPaths, keep: Iterable[int], merge: bool = False) -> nn.Module:
     """Return a deep copy of `model` holding only the blocks in `keep`, renumbered 0..K-1; `model` is untouched.
 
-    Blocks keep their original order whatever the order of `keep`. The copy carries no forward or
-    backward hooks and no LoRA wrappers: their update is discarded (the original weights, the paper's
-    choice) unless merge=True merges it into the kept weights.
+    `blocks` is one container path or several; with several, `keep` holds global indices over their blocks
+    in the order listed, and each container keeps its own share. Blocks keep their original order whatever
+    the order of `keep`. When a model family describes the module owning the containers, it may refuse the
+    decision first (with the reason) and records the new depths afterwards (e.g. a diffusers config), so
+    the copy is the same class and rebuilds at its depth. The copy carries no forward or backward hooks and
+    no LoRA wrappers: their update is discarded (the original weights, the paper's choice) unless
+    merge=True merges it into the kept weights.
     """
-    container = resolve_block_container(model, blocks)
-    kept = check_kept_blocks(keep, len(container), blocks)
+    sequence = resolve_block_sequence(model, blocks)
+    kept = check_kept_blocks(keep, len(sequence), blocks if isinstance(blocks, str) else list(sequence.paths))
+    kept_by_container = dict(zip(sequence.paths, sequence.split(kept), strict=True))
+    owners = described_owners(model, sequence.paths)
+    for owner in owners:
+        owner.family.check_kept_blocks(owner.module(model), owner.family_kept_blocks(model, kept_by_container))
     # Pre-seeding deepcopy's memo keeps hooks and dropped blocks out of the copy without touching `model`.
     memo: dict[int, object] = {}
-    for index, block in enumerate(container):
-        if index not in kept:
-            memo[id(block)] = None
+    for container, local_kept in zip(sequence.containers, kept_by_container.values(), strict=True):
+        for index, block in enumerate(container):
+            if index not in local_kept:
+                memo[id(block)] = None
     for module in model.modules():
         for table_name in _RUNTIME_HOOK_TABLES:
             table = getattr(module, table_name, None)
             if table is not None:
                 memo[id(table)] = type(table)()
     shallow = copy.deepcopy(model, memo)
-    shallow_container = resolve_block_container(shallow, blocks)
-    # Deleting from a ModuleList/Sequential renumbers the rest, so the kept blocks end up as 0..K-1.
-    for index in reversed(range(len(shallow_container))):
-        if index not in kept:
-            del shallow_container[index]
+    for path, local_kept in kept_by_container.items():
+        # Deleting from a ModuleList/Sequential renumbers the rest, so the kept blocks end up as 0..K-1.
+        shallow_container = shallow.get_submodule(path)
+        for index in reversed(range(len(shallow_container))):
+            if index not in local_kept:
+                del shallow_container[index]
     remove_lora(shallow, merge=merge)
     # A model that stores its depth (DiT derives it from len(blocks) instead) must report the new one.
-    if vars(shallow).get("depth") == len(container):
+    if vars(shallow).get("depth") == len(sequence):
         shallow.depth = len(kept)
+    for owner in owners:
+        shallow_owner = owner.module(shallow)
+        owner.family.after_depth_change(shallow_owner, owner.family.block_counts(shallow_owner))
     return shallow

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tinyfusion_pl.objectives import DiffusionObjective
-from tinyfusion_pl.pruning.block_hooks import BlockMaskHooks, HiddenStateArgument, split_hidden_output
+from tinyfusion_pl.pruning.block_hooks import BlockMaskHooks, StreamsArgument, block_calls, sequence_streams
 from tinyfusion_pl.pruning.calibration import Batch, calibration_loss, calibration_losses
-from tinyfusion_pl.pruning.containers import resolve_block_container
+from tinyfusion_pl.pruning.containers import BlockPaths, resolve_block_sequence
 from tinyfusion_pl.pruning.export import check_kept_blocks
 from tinyfusion_pl.pruning.patterns import BlockPattern, Group, blocks_kept, group_starts
 
@@ -85,31 +85,36 @@ def block_influence(
     net: nn.Module,
     objective: DiffusionObjective,
     batches: Sequence[Batch],
-    blocks: str = "blocks",
+    blocks: BlockPaths = "blocks",
     hidden_state: int | str = 0,
     seed: int = 0,
     progress: bool = False,
+    streams: StreamsArgument = None,
 ) -> torch.Tensor:
     """ShortGPT's block influence, (L,) float64: 1 - mean cosine similarity of each block's input and output tokens.
 
-    The net sees the calibration batches noised at timesteps spread over the whole process.
+    The net sees the calibration batches noised at times spread over the whole process. `blocks` is one
+    container or several (one score per block, global indices in the order listed). A multi-stream block
+    (SD3, Flux; `streams`, by default the model family's) is scored on its first input stream, the image
+    tokens `hidden_states`: its input against the output position that carries that stream.
     """
-    container = resolve_block_container(net, blocks)
-    arguments = [HiddenStateArgument(block, hidden_state) for block in container]
-    similarity_sums = torch.zeros(len(container), dtype=torch.float64)
-    token_counts = torch.zeros(len(container), dtype=torch.float64)
+    sequence = resolve_block_sequence(net, blocks)
+    calls = block_calls(sequence.blocks, sequence_streams(net, sequence, streams), hidden_state)
+    similarity_sums = torch.zeros(len(sequence), dtype=torch.float64)
+    token_counts = torch.zeros(len(sequence), dtype=torch.float64)
 
     def recorder(index: int) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            hidden_in = arguments[index].find(args, kwargs)
-            hidden_out, _ = split_hidden_output(output)
+            hidden_in = calls[index].find_inputs(args, kwargs)[0]
+            hidden_out = calls[index].hidden_output(output)
             cosine = F.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)  # (N, T)
             similarity_sums[index] += cosine.double().sum().cpu()
             token_counts[index] += cosine.numel()
 
         return record
 
-    handles = [block.register_forward_hook(recorder(index), with_kwargs=True) for index, block in enumerate(container)]
+    handles = [block.register_forward_hook(recorder(index), with_kwargs=True)
+               for index, block in enumerate(sequence.blocks)]
     try:
         calibration_losses(net, objective, batches, seed=seed, progress=progress, description="block influence")
     finally:
@@ -123,20 +128,24 @@ def removal_costs(
     net: nn.Module,
     objective: DiffusionObjective,
     batches: Sequence[Batch],
-    blocks: str = "blocks",
+    blocks: BlockPaths = "blocks",
     hidden_state: int | str = 0,
     seed: int = 0,
     progress: bool = False,
+    streams: StreamsArgument = None,
 ) -> torch.Tensor:
     """Sensitivity, (L,) float64: how much the calibration loss rises when each block alone is skipped.
 
     Every variant sees the same batches, timesteps and noise, so the differences are not sampling noise.
+    A skipped multi-stream block passes every stream through (`streams`, by default the model family's).
     """
-    container = resolve_block_container(net, blocks)
+    sequence = resolve_block_sequence(net, blocks)
+    per_block_streams = sequence_streams(net, sequence, streams)
     full_loss = calibration_loss(net, objective, batches, seed=seed)
-    costs = torch.zeros(len(container), dtype=torch.float64)
-    for skipped in tqdm(range(len(container)), desc="sensitivity", disable=not progress, leave=False):
-        hooks = BlockMaskHooks(list(container), _skip_only(skipped), hidden_state=hidden_state)
+    costs = torch.zeros(len(sequence), dtype=torch.float64)
+    for skipped in tqdm(range(len(sequence)), desc="sensitivity", disable=not progress, leave=False):
+        hooks = BlockMaskHooks(sequence.blocks, _skip_only(skipped), hidden_state=hidden_state,
+                               streams=per_block_streams)
         try:
             costs[skipped] = calibration_loss(net, objective, batches, seed=seed) - full_loss
         finally:
@@ -156,12 +165,16 @@ def bi_score(
     objective: DiffusionObjective,
     batches: Sequence[Batch],
     groups: Sequence[Group],
-    blocks: str = "blocks",
+    blocks: BlockPaths = "blocks",
     seed: int = 0,
     progress: bool = False,
+    streams: StreamsArgument = None,
 ) -> Selection:
-    """ShortGPT: keep the blocks with the highest block influence, i.e. drop those closest to the identity."""
-    scores = block_influence(net, objective, batches, blocks=blocks, seed=seed, progress=progress)
+    """ShortGPT: keep the blocks with the highest block influence, i.e. drop those closest to the identity.
+
+    A two-stream block (SD3, Flux) is compared on its hidden state `hidden_states` (the first input stream).
+    """
+    scores = block_influence(net, objective, batches, blocks=blocks, seed=seed, progress=progress, streams=streams)
     return Selection(keep_highest(scores, groups), scores.tolist(), list(groups))
 
 
@@ -170,12 +183,13 @@ def sensitivity(
     objective: DiffusionObjective,
     batches: Sequence[Batch],
     groups: Sequence[Group],
-    blocks: str = "blocks",
+    blocks: BlockPaths = "blocks",
     seed: int = 0,
     progress: bool = False,
+    streams: StreamsArgument = None,
 ) -> Selection:
     """Sensitivity analysis: keep the blocks whose removal raises the calibration loss most, drop the cheapest."""
-    scores = removal_costs(net, objective, batches, blocks=blocks, seed=seed, progress=progress)
+    scores = removal_costs(net, objective, batches, blocks=blocks, seed=seed, progress=progress, streams=streams)
     return Selection(keep_highest(scores, groups), scores.tolist(), list(groups))
 
 
