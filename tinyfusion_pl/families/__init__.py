@@ -1,6 +1,7 @@
 """Model families: one small description per kind of diffusion transformer (see base.ModelFamily).
 
 A new family goes here: its description (a ModelFamily subclass) in its own file, added to FAMILIES.
+The diffusers families match their classes by name, so importing this package never imports diffusers.
 """
 
 from __future__ import annotations
@@ -8,19 +9,40 @@ from __future__ import annotations
 import torch.nn as nn
 
 from tinyfusion_pl.families.base import BlockStreams, ModelFamily
+from tinyfusion_pl.families.diffusers import (
+    DiffusersDiTFamily,
+    DiTTransformerFamily,
+    FluxTransformerFamily,
+    PixArtTransformerFamily,
+    SD3TransformerFamily,
+)
 from tinyfusion_pl.families.dit import DiTFamily
 from tinyfusion_pl.families.sit import SiTFamily
 
 # Order does not matter: the lookup walks the net's class hierarchy, most specific class first.
-FAMILIES: tuple[ModelFamily, ...] = (DiTFamily(), SiTFamily())
+FAMILIES: tuple[ModelFamily, ...] = (
+    DiTFamily(), SiTFamily(),
+    DiTTransformerFamily(), PixArtTransformerFamily(), SD3TransformerFamily(), FluxTransformerFamily(),
+    DiffusersDiTFamily(),
+)
+
+
+def _describes(family: ModelFamily, cls: type) -> bool:
+    """Whether `family` describes instances of exactly `cls`; a family matching by name says so itself."""
+    describes = getattr(family, "describes", None)
+    return describes(cls) if describes is not None else cls is family.model_class
+
+
+def _class_name(family: ModelFamily) -> str:
+    return getattr(family, "class_name", None) or family.model_class.__name__
 
 
 def find_family(net: nn.Module) -> ModelFamily | None:
     """The family that describes `net`, found by its class (a subclass of a described class is described), or None."""
-    by_class = {family.model_class: family for family in FAMILIES}
     for cls in type(net).__mro__:
-        if cls in by_class:
-            return by_class[cls]
+        for family in FAMILIES:
+            if _describes(family, cls):
+                return family
     return None
 
 
@@ -29,7 +51,7 @@ def family_of(net: nn.Module) -> ModelFamily:
     family = find_family(net)
     if family is not None:
         return family
-    known = ", ".join(f"{family.name} ({family.model_class.__name__})" for family in FAMILIES)
+    known = ", ".join(f"{family.name} ({_class_name(family)})" for family in FAMILIES)
     raise ValueError(
         f"no model family describes {type(net).__name__}; known families: {known}. Describe it with a "
         "ModelFamily subclass (tinyfusion_pl/families/) and add it to tinyfusion_pl.families.FAMILIES."
