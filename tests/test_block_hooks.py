@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tinyfusion_pl.pruning.block_hooks import BlockMaskHooks, HiddenStateArgument, masked_block_output
+from tinyfusion_pl.families import BlockStreams
+from tinyfusion_pl.pruning.block_hooks import (
+    BlockCall,
+    BlockMaskHooks,
+    HiddenStateArgument,
+    masked_block_output,
+)
 
 DIM = 8
 BlockOutput = namedtuple("BlockOutput", ["hidden", "aux"])
@@ -180,3 +186,103 @@ def test_shape_changing_blocks_and_odd_outputs_are_refused():
         masked_block_output({"x": hidden}, hidden, torch.ones(2))
     with pytest.raises(ValueError, match=r"mask of shape \(3,\) does not match the batch size 2"):
         masked_block_output(hidden, hidden, torch.ones(3))
+
+
+# ---------------------------------------------------------------------------- multi-stream blocks
+
+
+class JointBlock(nn.Module):
+    """An SD3/Flux-style block: takes image and text streams and returns both, text first (diffusers' order)."""
+
+    def __init__(self, reverse_outputs: bool = True):
+        super().__init__()
+        self.image = nn.Linear(DIM, DIM)
+        self.text = nn.Linear(DIM, DIM)
+        self.modulation = nn.Linear(DIM, DIM)
+        self.reverse_outputs = reverse_outputs
+
+    def forward(self, hidden_states, encoder_hidden_states, temb):
+        context = encoder_hidden_states.mean(dim=1, keepdim=True)  # (B, 1, D)
+        hidden = hidden_states + torch.tanh(self.image(hidden_states) + context) * self.modulation(temb)[:, None]
+        encoder = encoder_hidden_states + torch.sin(self.text(encoder_hidden_states))
+        return (encoder, hidden) if self.reverse_outputs else (hidden, encoder)
+
+
+JOINT = BlockStreams(inputs=("hidden_states", "encoder_hidden_states"), outputs=("encoder_hidden_states", "hidden_states"))
+IN_ORDER = BlockStreams(inputs=("hidden_states", "encoder_hidden_states"), outputs=("hidden_states", "encoder_hidden_states"))
+
+
+def stream_conventions():
+    """(name, block, streams, call(block, h, e, temb) -> (hidden, encoder))."""
+    reversed_call = lambda outputs: (outputs[1], outputs[0])  # noqa: E731
+    return [
+        ("keywords, text returned first", JointBlock(), JOINT,
+         lambda b, h, e, t: reversed_call(b(hidden_states=h, encoder_hidden_states=e, temb=t))),
+        ("positional, text returned first", JointBlock(), JOINT, lambda b, h, e, t: reversed_call(b(h, e, t))),
+        ("mixed, text returned first", JointBlock(), JOINT,
+         lambda b, h, e, t: reversed_call(b(h, encoder_hidden_states=e, temb=t))),
+        ("positional, in input order", JointBlock(reverse_outputs=False), IN_ORDER, lambda b, h, e, t: b(h, e, t)),
+    ]
+
+
+@pytest.mark.parametrize("name, block, streams, call", stream_conventions(), ids=[c[0] for c in stream_conventions()])
+def test_a_dropped_multi_stream_block_passes_every_stream_through_per_sample(name, block, streams, call):
+    torch.manual_seed(3)
+    h, e, temb = torch.randn(4, 5, DIM), torch.randn(4, 2, DIM), torch.randn(4, DIM)
+    plain_hidden, plain_encoder = call(block, h, e, temb)
+    mask = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    seen = []
+    hooks = BlockMaskHooks([block], lambda index, hidden, module: seen.append(hidden) or mask, streams=streams)
+    hidden, encoder = call(block, h, e, temb)
+    assert seen[0] is h, "the provider sees the hidden state, the first input stream"
+    kept, dropped = mask == 1, mask == 0
+    assert torch.equal(hidden[kept], plain_hidden[kept]) and torch.equal(encoder[kept], plain_encoder[kept])
+    assert torch.equal(hidden[dropped], h[dropped]) and torch.equal(encoder[dropped], e[dropped])
+    hooks.remove()
+    assert not block._forward_hooks
+
+
+@pytest.mark.parametrize("name, block, streams, call", stream_conventions(), ids=[c[0] for c in stream_conventions()])
+def test_a_skipped_multi_stream_block_returns_its_inputs_in_its_own_output_order(name, block, streams, call):
+    h, e, temb = torch.randn(2, 5, DIM), torch.randn(2, 2, DIM), torch.randn(2, DIM)
+    plain = call(block, h, e, temb)
+    decision = {"keep": False}
+    hooks = BlockMaskHooks([block], lambda index, hidden, module: decision["keep"], streams=streams)
+    hidden, encoder = call(block, h, e, temb)
+    assert hidden is h and encoder is e
+    decision["keep"] = True
+    assert all(torch.equal(a, b) for a, b in zip(call(block, h, e, temb), plain, strict=True))
+    hooks.remove()
+
+
+class ContextPreOnlyBlock(JointBlock):
+    """SD3's last block: it ends the text stream and returns None in its place."""
+
+    def forward(self, hidden_states, encoder_hidden_states, temb):
+        return None, super().forward(hidden_states, encoder_hidden_states, temb)[1]
+
+
+def test_a_stream_the_block_ends_stays_ended_under_a_per_sample_mask():
+    block = ContextPreOnlyBlock()
+    h, e, temb = torch.randn(2, 5, DIM), torch.randn(2, 2, DIM), torch.randn(2, DIM)
+    plain_hidden = block(h, e, temb)[1]
+    hooks = BlockMaskHooks([block], lambda index, hidden, module: torch.tensor([0.0, 1.0]), streams=JOINT)
+    encoder, hidden = block(h, e, temb)
+    assert encoder is None
+    assert torch.equal(hidden[0], h[0]) and torch.equal(hidden[1], plain_hidden[1])
+    hooks.remove()
+
+
+def test_multi_stream_descriptions_that_do_not_fit_the_block_are_refused():
+    with pytest.raises(ValueError, match=r"streams.inputs='context' is not an argument of JointBlock.forward"):
+        BlockCall(JointBlock(), BlockStreams(inputs=("hidden_states", "context"), outputs=("hidden_states",)))
+    with pytest.raises(ValueError, match=r"outputs=\['encoder_hidden_states'\] must name .* the hidden state 'hidden_states'"):
+        BlockCall(JointBlock(), BlockStreams(inputs=("hidden_states", "encoder_hidden_states"),
+                                             outputs=("encoder_hidden_states",)))
+    block = JointBlock()
+    BlockMaskHooks([block], lambda index, hidden, module: False,
+                   streams=IN_ORDER)  # but the block returns the text stream first
+    with pytest.raises(ValueError, match=r"stream at output position 0 of shape \(2, 2, 8\) for its input stream 0"):
+        block(torch.randn(2, 5, DIM), torch.randn(2, 2, DIM), torch.randn(2, DIM))
+    with pytest.raises(ValueError, match=r"returned Tensor; its streams description says it returns 2 streams"):
+        masked_block_output(torch.randn(2, 3, DIM), [torch.randn(2, 3, DIM)] * 2, False, outputs=(0, 1))

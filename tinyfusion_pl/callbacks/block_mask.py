@@ -17,8 +17,19 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from tinyfusion_pl.io import save_json
-from tinyfusion_pl.pruning.block_hooks import BlockMask, BlockMaskHooks, StreamsArgument, sequence_streams, streams_problem
-from tinyfusion_pl.pruning.containers import BlockPaths, block_paths_problem, describe_paths, resolve_block_sequence
+from tinyfusion_pl.pruning.block_hooks import (
+    BlockMask,
+    BlockMaskHooks,
+    StreamsArgument,
+    sequence_streams,
+    streams_problem,
+)
+from tinyfusion_pl.pruning.containers import (
+    BlockPaths,
+    block_paths_problem,
+    describe_paths,
+    resolve_block_sequence,
+)
 from tinyfusion_pl.pruning.dynamics import decision_dynamics_figure, save_figure_atomically
 from tinyfusion_pl.pruning.gates import BlockGates, Schedule, linear_schedule
 from tinyfusion_pl.pruning.patterns import BlockPattern, Group

@@ -16,10 +16,9 @@ from tinyfusion_pl.distill.losses import (
     check_pairs,
     masked_feature_mse,
 )
-from tinyfusion_pl.families import find_family
+from tinyfusion_pl.families import BlockStreams, find_family
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.objectives import DiffusionObjective, split_batch
-from tinyfusion_pl.families import BlockStreams
 from tinyfusion_pl.pruning.block_hooks import BlockCall, StreamsArgument, sequence_streams
 from tinyfusion_pl.pruning.containers import BlockPaths, resolve_block_sequence
 

@@ -123,6 +123,9 @@ def _block_streams_problem(streams: object, name: str) -> str | None:
     if strangers:
         return (f"{name}.outputs={list(outputs)} names {strangers}, not among the input streams {list(inputs)}: "
                 "each returned position must be one of the streams the block takes")
+    if len(set(outputs)) != len(outputs) or inputs[0] not in outputs:
+        return (f"{name}.outputs={list(outputs)} must name each returned stream once, the hidden state "
+                f"{inputs[0]!r} (the first input) among them")
     return None
 
 
@@ -161,6 +164,9 @@ class BlockCall:
             self.inputs = [HiddenStateArgument(block, hidden_state)]
             self.outputs: tuple[int, ...] = (0,)
         else:
+            problem = _block_streams_problem(streams, "streams")
+            if problem:
+                raise ValueError(f"{type(block).__name__}: {problem}.")
             self.inputs = [HiddenStateArgument(block, name, option="streams.inputs") for name in streams.inputs]
             self.outputs = tuple(list(streams.inputs).index(name) for name in streams.outputs)
         self.streams = streams
