@@ -573,3 +573,15 @@ def test_distillation_pairs_global_indices_over_two_lists():
     assert torch.count_nonzero(first_pair["feat"]) == 0 and (terms["feat"] > 0).all()
     with pytest.raises(ValueError, match=r"feature_pairs pairs \[\(3, 6\)\] do not fit.*student depth 3, teacher depth 6"):
         DistillationModule(student, teacher, feature_pairs=[(3, 6)], **options)
+
+
+def test_a_lora_target_needs_to_match_in_one_of_the_lists_only(tmp_path):
+    module = TwoListModule(kind="single")
+    module.net.second[0].extra = nn.Linear(DIM, DIM)  # only one block of the second list has it
+    mask = DifferentiableBlockMask(TWO_LISTS, pattern="1:2", plot=False)
+    record = AdapterRecord()
+    update = CoOptimizedWeightUpdate(method="lora", rank=2, target=["extra", "fc2"])
+    quick_trainer(tmp_path, max_steps=1, callbacks=[mask, update, record]).fit(module, train_dataloaders=index_loader(1))
+    assert record.wrapped == sorted(["net.second.0.extra"] + [f"net.{path}.{i}.fc2" for path, depth in
+                                                               (("first", 3), ("second", 5)) for i in range(depth)])
+    assert sorted(update.wrapped_layers) == record.wrapped

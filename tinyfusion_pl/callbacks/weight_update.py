@@ -95,11 +95,16 @@ class CoOptimizedWeightUpdate(L.Callback):
         self.wrapped_layers = []
         if self.method == "lora":
             # Wrapped before freezing, so that each wrapper records its layer's own flags for an export.
-            for path, container in zip(sequence.paths, sequence.containers, strict=True):
-                names = inject_lora(container, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                                    target=self.target)
-                # Names relative to the container; prefixed with its path when there are several.
-                self.wrapped_layers += names if len(sequence.paths) == 1 else [f"{path}.{name}" for name in names]
+            # Several containers go under one temporary root, so that each `target` must match in one of
+            # them, not in each (Flux's single-stream blocks lack the double-stream blocks' feed-forwards).
+            root = sequence.containers[0] if len(sequence.paths) == 1 else nn.ModuleDict(
+                {str(index): container for index, container in enumerate(sequence.containers)}
+            )
+            names = inject_lora(root, rank=self.rank, alpha=self.alpha, dropout=self.dropout, target=self.target)
+            # Names relative to the container; prefixed with its path when there are several.
+            self.wrapped_layers = names if len(sequence.paths) == 1 else [
+                f"{sequence.paths[int(index)]}.{name}" for index, _, name in (name.partition(".") for name in names)
+            ]
         if self.method in ("lora", "frozen"):
             adapters = {id(p) for container in sequence.containers for m in container.modules()
                         if isinstance(m, LoRALinear) for p in m.adapters()}
