@@ -71,7 +71,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def build_models(arguments: argparse.Namespace) -> tuple[nn.Module, nn.Module, list[int]]:
     """The teacher (every block made non-trivial) and its half-depth student, on the device."""
     teacher = nontrivial_model(arguments.model, input_size_for_tokens(arguments.model, arguments.tokens), arguments.seed)
-    blocks = family_of(teacher).block_path()
+    blocks = family_of(teacher).block_argument()
     kept = bk_sdm_blocks(len(teacher.get_submodule(blocks)))
     student = prune_blocks(teacher, blocks, kept)
     return teacher.to(arguments.device), student.to(arguments.device), kept

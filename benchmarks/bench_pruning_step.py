@@ -127,7 +127,7 @@ def pruning_step_function(
     model: nn.Module, objective: DiffusionObjective, arguments: argparse.Namespace
 ) -> Callable[[dict], float]:
     """TinyFusion: gated blocks (one per-sample draw per step), LoRA on the blocks, original weights frozen."""
-    blocks = model.get_submodule(family_of(model).block_path())
+    blocks = model.get_submodule(family_of(model).block_argument())
     model.requires_grad_(False)
     inject_lora(blocks, rank=arguments.rank, alpha=arguments.alpha)
     groups = BlockPattern.parse(arguments.pattern).groups_for_depth(len(blocks))

@@ -67,7 +67,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def build_models(arguments: argparse.Namespace) -> dict[str, nn.Module]:
     """The dense registry model with non-trivial blocks, and a copy keeping blocks 0, 2, 4, ..."""
     dense = nontrivial_model(arguments.model, arguments.input_size, arguments.seed)
-    blocks = family_of(dense).block_path()
+    blocks = family_of(dense).block_argument()
     half = prune_blocks(dense, blocks=blocks, keep=range(0, len(dense.get_submodule(blocks)), 2))
     return {"dense": dense.to(arguments.device).eval(), "half": half.to(arguments.device).eval()}
 

@@ -30,7 +30,7 @@ def test_the_family_is_found_by_class_most_specific_first():
 def test_the_description_reads_the_models_structure_and_conditioning(build):
     net = build(depth=3)
     family = family_of(net)
-    assert family.block_path() == "blocks" and family.block_counts(net) == [3]
+    assert family.block_argument() == "blocks" and family.block_counts(net) == [3]
     assert family.sample_shape(net) == (1, 8, 8)
     assert family.num_classes(net) == 10 and family.null_label(net) == 10
     assert family.label_dropout(net) == pytest.approx(0.1)
@@ -63,7 +63,7 @@ def test_at_depth_rebuilds_the_same_architecture_with_another_depth(build):
 def test_an_exported_model_saves_and_loads_back_at_its_own_depth(build, tmp_path):
     teacher = build(depth=4)
     family = family_of(teacher)
-    shallow = prune_blocks(teacher, blocks=family.block_path(), keep=[0, 3])
+    shallow = prune_blocks(teacher, blocks=family.block_argument(), keep=[0, 3])
     path = family.save(shallow, tmp_path / "pruned.pt")
     assert family.checkpoint_block_counts(torch.load(path, weights_only=True)) == [2]
     loaded = family.load(path, like=teacher)  # the teacher gives the architecture, the file the depth

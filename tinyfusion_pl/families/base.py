@@ -66,12 +66,14 @@ class ModelFamily:
         """The shape of one sample the net denoises, without the batch dimension, e.g. (C, H, W)."""
         raise NotImplementedError
 
-    def block_path(self) -> str:
-        """The dotted path of the one block container of a single-sequence family."""
-        if len(self.blocks) != 1:
-            raise ValueError(f"the {self.name} family keeps its blocks in {len(self.blocks)} containers "
-                             f"{list(self.blocks)}; this operation needs a family with one.")
-        return self.blocks[0]
+    def block_argument(self, prefix: str = "") -> str | list[str]:
+        """The `blocks` argument of the callbacks, prune_blocks and the selectors for this family's containers.
+
+        One path for a family with one container, else the list in computation order; `prefix` locates the
+        net inside a larger module (e.g. "net." inside a LightningModule).
+        """
+        paths = [f"{prefix}{path}" for path in self.blocks]
+        return paths[0] if len(paths) == 1 else paths
 
     def block_counts(self, net: nn.Module) -> list[int]:
         """The length of every block container of `net`, in computation order."""

@@ -37,11 +37,11 @@ from tinyfusion_pl.stages.common import (
 
 def learnable_selection(cfg: DictConfig, net: nn.Module, datamodule: L.LightningDataModule, folder: Path) -> dict[str, Any]:
     """TinyFusion: learn the kept blocks with Gumbel gates while a weight update estimates recoverability."""
-    pruning, blocks = cfg.pruning, family_of(net).block_path()
+    pruning, blocks = cfg.pruning, family_of(net).block_argument(prefix="net.")
     module = DiffusionModule(net, objective=instantiate(cfg.objective), lr=pruning.lr, ema_decay=None)
     pattern = OmegaConf.to_object(pruning.pattern) if OmegaConf.is_config(pruning.pattern) else pruning.pattern
     mask = DifferentiableBlockMask(
-        blocks=f"net.{blocks}", pattern=pattern,
+        blocks=blocks, pattern=pattern,
         keep_ratio=None if pruning.pattern else pruning.keep_ratio,
         group_size=None if pruning.pattern else pruning.group_size,
         scaling=pruning.scaling, tau=tuple(pruning.tau), lr_multiplier=pruning.gate_lr_multiplier,
@@ -49,7 +49,7 @@ def learnable_selection(cfg: DictConfig, net: nn.Module, datamodule: L.Lightning
         log_every_n_steps=max(1, pruning.max_steps // 100),  # about 100 points on the dynamics figure
     )
     weight_update = CoOptimizedWeightUpdate(method=pruning.weight_update, rank=pruning.rank, alpha=pruning.alpha,
-                                            blocks=f"net.{blocks}")
+                                            blocks=blocks)
     trainer = build_trainer(cfg, "prune", max_steps=pruning.max_steps, callbacks=[mask, weight_update])
     trainer.fit(module, datamodule=datamodule)
     log_images(trainer.loggers, {"prune/decision_dynamics": mask.plot_dynamics(folder / "decision_dynamics.png")})
@@ -62,8 +62,9 @@ BASELINE_SELECTORS = ("bi_score", "sensitivity", "oracle", "by_index", "random")
 
 def baseline_selection(cfg: DictConfig, net: nn.Module, objective: Any, batches: list) -> dict[str, Any]:
     """A baseline selector of the paper's comparison; the learnable selector's decision fields plus `scores`."""
-    blocks = family_of(net).block_path()
-    pruning, depth = cfg.pruning, len(net.get_submodule(blocks))
+    family = family_of(net)
+    blocks, depth = family.block_argument(), sum(family.block_counts(net))
+    pruning = cfg.pruning
     options = OmegaConf.to_container(pruning, resolve=True, throw_on_missing=True)
     if pruning.selector in ("oracle", "by_index"):
         pattern = None
@@ -102,10 +103,10 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
             f"pruning.selector='{cfg.pruning.selector}' is not one of {['learnable', *BASELINE_SELECTORS]}. "
             "Pick it with the pruning group, e.g. pruning=bi_score."
         )
-    shallow = prune_blocks(net, blocks=family.block_path(), keep=decision["kept_blocks"])
+    shallow = prune_blocks(net, blocks=family.block_argument(), keep=decision["kept_blocks"])
     decision.update(
         selector=cfg.pruning.selector,
-        blocks=family.block_path(),  # the container's path under the model, whichever selector chose
+        blocks=family.block_argument(),  # the containers' paths under the model, whichever selector chose
         teacher=str(teacher_path),
         num_blocks=sum(family.block_counts(net)),
         calibration_loss=calibration_loss(shallow, objective, batches, seed=cfg.seed),
