@@ -115,8 +115,10 @@ class DiffusersDiT(DiffusersDenoiser):
     def random_model(cls, config: dict[str, Any]) -> nn.Module:
         model = super().random_model(config)
         shared = model.transformer_blocks[0].norm1.emb.state_dict()  # one embedder, copied into every block
-        for block in model.transformer_blocks[1:]:
-            block.norm1.emb.load_state_dict(shared)
+        with torch.no_grad():
+            for block in model.transformer_blocks[1:]:
+                for name, tensor in block.norm1.emb.state_dict().items():
+                    tensor.copy_(shared[name])
         return model
 
     @property
@@ -177,10 +179,12 @@ def unshare_block_embedders(model: nn.Module) -> None:
 
 
 def same_weights(first: nn.Module, second: nn.Module) -> bool:
-    """Whether two modules are one, or hold equal tensors under the same names."""
+    """Whether two modules are one, or hold equal tensors under the same names (never for tensors on the meta device)."""
     if first is second:
         return True
     first_state, second_state = first.state_dict(), second.state_dict()
+    if any(tensor.is_meta for tensor in [*first_state.values(), *second_state.values()]):
+        return False
     return first_state.keys() == second_state.keys() and all(
         first_state[key].shape == second_state[key].shape and torch.equal(first_state[key], second_state[key])
         for key in first_state
@@ -198,12 +202,13 @@ def build_diffusers(kind: str, pretrained: str | os.PathLike | None = None, dept
                     learn_sigma: bool | None = None, **options: Any) -> DiffusersDenoiser:
     """A diffusers transformer of `kind` as a denoiser: a save_pretrained folder's (`pretrained`), or random weights.
 
-    `options` are the adapter's keywords (DiT: class_dropout_prob) and, for a random model, the diffusers config
-    (num_layers, num_attention_heads, ...); a folder's config.json fixes its architecture. `depth` is the block
-    count under the name every model config shares (e.g. experiment=smoke sets it): diffusers' `num_layers`.
-    `learn_sigma`, when given, says whether the output has twice the input channels (a learned variance) and is
-    checked against the config; for a random model it sets `out_channels`. On the meta device (a blueprint) a
-    folder's config suffices and no weights are read.
+    `options` are the adapter's keywords (DiT: class_dropout_prob) and the diffusers config (num_layers,
+    num_attention_heads, ...): a random model is built from them; a folder must agree with every one given (its
+    config.json fixes the architecture; prune to change the depth). `depth` is the block count under the name
+    every model config shares (experiment=smoke sets it): diffusers' `num_layers`. `learn_sigma`, when given, says
+    whether the output has twice the input channels (a learned variance), checked against the config; for a random
+    model without `out_channels` it sets them. On the meta device (a blueprint) a folder's config suffices and no
+    weights are read.
     """
     if kind not in DIFFUSERS_DENOISERS:
         raise ValueError(f"kind={kind!r} is not one of {sorted(DIFFUSERS_DENOISERS)}: the diffusers transformers that "
@@ -212,27 +217,28 @@ def build_diffusers(kind: str, pretrained: str | os.PathLike | None = None, dept
     adapter_keywords = [name for name in inspect.signature(adapter.__init__).parameters if name not in ("self", "model")]
     adapter_options = {name: options.pop(name) for name in adapter_keywords if name in options}
     model_class = adapter.model_class()
-    if pretrained is not None:
-        if options or depth is not None:
-            given = sorted([*options, *(["depth"] if depth is not None else [])])
-            raise ValueError(f"model.pretrained={pretrained} comes with its own config.json, but {given} were given as "
-                             "well. Leave them out: the folder fixes the architecture (prune to change the depth).")
+    config = _config_keywords(model_class, options, depth)
+    if pretrained is None:
+        if learn_sigma is not None and config.get("out_channels") is None:
+            default_in_channels = inspect.signature(model_class.__init__).parameters["in_channels"].default
+            in_channels = config.get("in_channels", default_in_channels)
+            config["out_channels"] = 2 * in_channels if learn_sigma else in_channels
+        model = adapter.random_model(config)
+    else:
         if not os.path.isdir(pretrained):
-            raise FileNotFoundError(f"model.pretrained={pretrained} is not a folder; pass a folder written by "
+            raise FileNotFoundError(f"pretrained={pretrained} is not a folder; pass a folder written by "
                                     f"{model_class.__name__}.save_pretrained (config.json and its weights).")
+        _check_folder_config(model_class, pretrained, config)
         if torch.empty(0).is_meta:
             model = model_class.from_config(model_class.load_config(pretrained))
         else:
             model = from_pretrained(model_class, pretrained)
-    else:
-        model = adapter.random_model(_random_config(model_class, options, depth, learn_sigma))
     _check_learn_sigma(model, learn_sigma)
     return adapter(model, **adapter_options)
 
 
-def _random_config(model_class: type[nn.Module], options: dict[str, Any], depth: int | None,
-                   learn_sigma: bool | None) -> dict[str, Any]:
-    """The config keywords of a random model: `options` checked against the class, depth and learn_sigma applied."""
+def _config_keywords(model_class: type[nn.Module], options: dict[str, Any], depth: int | None) -> dict[str, Any]:
+    """The diffusers config keywords of `options`, checked against the class, with `depth` as num_layers."""
     parameters = inspect.signature(model_class.__init__).parameters
     valid = [name for name in parameters if name != "self"]
     unknown = sorted(set(options) - set(valid))
@@ -243,10 +249,21 @@ def _random_config(model_class: type[nn.Module], options: dict[str, Any], depth:
         if "num_layers" in config and config["num_layers"] != depth:
             raise ValueError(f"depth={depth} and num_layers={config['num_layers']} disagree; give one of them.")
         config["num_layers"] = depth
-    if learn_sigma is not None and config.get("out_channels") is None:
-        in_channels = config.get("in_channels", parameters["in_channels"].default)
-        config["out_channels"] = 2 * in_channels if learn_sigma else in_channels
     return config
+
+
+def _check_folder_config(model_class: type[nn.Module], folder: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Refuse a folder whose config.json disagrees with config keywords the model config gives."""
+    saved = model_class.load_config(folder)
+
+    def comparable(value: Any) -> Any:
+        return tuple(value) if isinstance(value, (list, tuple)) else value
+
+    differing = [f"{key}: config.json {saved.get(key)!r}, model config {value!r}" for key, value in config.items()
+                 if comparable(saved.get(key)) != comparable(value)]
+    if differing:
+        raise ValueError(f"pretrained={folder} is not the model the config describes ({'; '.join(differing)}). "
+                         "Set those keys to the folder's values, or leave them out of the model config.")
 
 
 def _check_learn_sigma(model: nn.Module, learn_sigma: bool | None) -> None:
