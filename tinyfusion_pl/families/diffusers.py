@@ -242,7 +242,7 @@ class DiffusersDenoiserFamily(ModelFamily):
     # ---------------------------------------------------------------- saving and loading
     def save(self, net: nn.Module, path: str | os.PathLike) -> Path:
         """Write the diffusers model (not the adapter) as a save_pretrained folder at `path`."""
-        return self.transformer.save(net.standalone_model(), path)
+        return save_pretrained_folder(net, path)
 
     def load(self, checkpoint: str | os.PathLike | Mapping[str, Any], like: nn.Module, prefer: str = "ema") -> nn.Module:
         """A save_pretrained folder adapted like `like`, or a state dict of the adapter (our stages' {'model', 'ema'})."""

@@ -86,6 +86,10 @@ class DiffusersDenoiser(nn.Module):
         """A copy of the diffusers model that stands on its own: `save_pretrained` writes it as it is."""
         return copy.deepcopy(self.model)
 
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write the diffusers model (not the adapter) as its own `save_pretrained` does; from_pretrained reads it."""
+        self.standalone_model().save_pretrained(folder)
+
 
 class DiffusersDiT(DiffusersDenoiser):
     """diffusers' DiTTransformer2DModel called like our DiT: `net(x, t, y, force_drop_ids=None)`.
