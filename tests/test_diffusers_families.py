@@ -282,6 +282,7 @@ def test_the_dit_adapter_saves_a_diffusers_folder_and_loads_it_or_a_state_dict(t
     x, t, y = adapter_inputs()
     shallow = prune_blocks(net, blocks=family.blocks, keep=[1, 2])  # block 0 may go: one shared embedder
     folder = family.save(shallow, tmp_path / "pruned.pt")
+    assert len({id(block.norm1.emb) for block in shallow.model.transformer_blocks}) == 1, "still one embedder"
     reloaded_model = diffusers.DiTTransformer2DModel.from_pretrained(folder)
     assert reloaded_model.config.num_layers == 2
     loaded = family.load(folder, like=net).eval()

@@ -82,13 +82,9 @@ class DiffusersDenoiser(nn.Module):
         """The adapter's own constructor keywords (besides the model), as build_diffusers takes them."""
         return {}
 
-    def standalone_model(self) -> nn.Module:
-        """A copy of the diffusers model that stands on its own: `save_pretrained` writes it as it is."""
-        return copy.deepcopy(self.model)
-
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write the diffusers model (not the adapter) as its own `save_pretrained` does; from_pretrained reads it."""
-        self.standalone_model().save_pretrained(folder)
+        self.model.save_pretrained(folder)
 
 
 class DiffusersDiT(DiffusersDenoiser):
@@ -140,10 +136,12 @@ class DiffusersDiT(DiffusersDenoiser):
         """Give every block its own copy of a shared embedder (the layout diffusers saves and loads)."""
         unshare_block_embedders(self.model)
 
-    def standalone_model(self) -> nn.Module:
-        model = copy.deepcopy(self.model)
-        unshare_block_embedders(model)  # safetensors refuses tensors that several names share
-        return model
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        self.unshare_embedders()  # safetensors refuses tensors that several names share
+        try:
+            super().save_pretrained(folder)
+        finally:
+            self.share_embedders()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
