@@ -11,6 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from tinyfusion_pl.families import family_of
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
@@ -29,7 +31,9 @@ def test_every_model_config_builds_its_registry_entry(model):
     cfg = compose_train([f"model={model}", "paths.run_dir=unused"])
     with torch.device("meta"):  # XL-sized entries: shapes only, no memory
         net = instantiate(cfg.model)
-    assert net.num_classes == cfg.model.num_classes and net.in_channels == cfg.model.in_channels
+    family = family_of(net)
+    assert family.num_classes(net) == cfg.model.get("num_classes", cfg.model.get("num_embeds_ada_norm"))
+    assert family.sample_shape(net)[0] == cfg.model.in_channels
 
 
 @pytest.mark.parametrize("data", group_options("data"))
@@ -100,10 +104,16 @@ def test_run_stage_rejects_an_unknown_stage():
         run_stage(compose_train(["stage=bogus", "paths.run_dir=unused"]))
 
 
-def test_fsdp_config_shards_one_unit_per_dit_block():
+def test_fsdp_config_shards_one_unit_per_block_of_the_family_or_of_named_classes():
     from tinyfusion_pl.models.dit import DiTBlock
+    from tinyfusion_pl.strategies import FamilyBlockWrapPolicy
 
     cfg = compose_train(["trainer=fsdp", "trainer.strategy.activation_checkpointing=true"])
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy.kwargs["auto_wrap_policy"], FamilyBlockWrapPolicy)
+    assert isinstance(strategy._activation_checkpointing_kwargs["auto_wrap_policy"], FamilyBlockWrapPolicy)
+    cfg = compose_train(["trainer=fsdp", "trainer.strategy.activation_checkpointing=true",
+                         "trainer.strategy.wrap_blocks=[tinyfusion_pl.models.dit.DiTBlock]"])
     strategy = instantiate(cfg.trainer.strategy)
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}
@@ -114,5 +124,6 @@ def test_every_experiment_composes_and_builds_its_model(experiment):
     cfg = compose_train([f"experiment={experiment}", "paths.run_dir=unused"])
     with torch.device("meta"):
         net = instantiate(cfg.model)
-    assert len(net.blocks) == cfg.model.get("depth", len(net.blocks))
+    blocks = sum(family_of(net).block_counts(net))
+    assert blocks == cfg.model.get("depth", blocks)
     instantiate(cfg.objective)

@@ -64,10 +64,13 @@ def log_table(loggers: list[Logger], key: str, columns: list[str], rows: list[li
 
 
 def log_artifact(loggers: list[Logger], name: str, path: Path, kind: str = "model") -> None:
-    """Attach a file as a versioned artifact to every W&B run."""
+    """Attach a file (or a folder, e.g. a save_pretrained model) as a versioned artifact to every W&B run."""
     import wandb
 
     for logger in wandb_loggers(loggers):
         artifact = wandb.Artifact(name=name, type=kind)
-        artifact.add_file(str(path))
+        if Path(path).is_dir():
+            artifact.add_dir(str(path))
+        else:
+            artifact.add_file(str(path))
         logger.experiment.log_artifact(artifact)

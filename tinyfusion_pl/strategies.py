@@ -51,14 +51,12 @@ def fsdp_strategy(
 ) -> FSDPStrategy:
     """FSDP that shards each transformer block on its own: the family's blocks, or the `wrap_blocks` classes."""
     if wrap_blocks is None:
-        if activation_checkpointing:
-            raise ValueError("activation_checkpointing=true needs the block classes: pass wrap_blocks=[dotted.path.Block].")
-        return FSDPStrategy(auto_wrap_policy=FamilyBlockWrapPolicy(), sharding_strategy=sharding_strategy,
-                            state_dict_type=state_dict_type)
-    block_classes: set[type[nn.Module]] = {get_class(path) for path in wrap_blocks}
+        wrap_policy, checkpoint_policy = FamilyBlockWrapPolicy(), FamilyBlockWrapPolicy()
+    else:
+        wrap_policy = checkpoint_policy = {get_class(path) for path in wrap_blocks}
     return FSDPStrategy(
-        auto_wrap_policy=block_classes,
-        activation_checkpointing_policy=block_classes if activation_checkpointing else None,
+        auto_wrap_policy=wrap_policy,
+        activation_checkpointing_policy=checkpoint_policy if activation_checkpointing else None,
         sharding_strategy=sharding_strategy,
         state_dict_type=state_dict_type,
     )

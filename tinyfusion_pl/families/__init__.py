@@ -27,21 +27,11 @@ FAMILIES: tuple[ModelFamily, ...] = (
 )
 
 
-def _describes(family: ModelFamily, cls: type) -> bool:
-    """Whether `family` describes instances of exactly `cls`; a family matching by name says so itself."""
-    describes = getattr(family, "describes", None)
-    return describes(cls) if describes is not None else cls is family.model_class
-
-
-def _class_name(family: ModelFamily) -> str:
-    return getattr(family, "class_name", None) or family.model_class.__name__
-
-
 def find_family(net: nn.Module) -> ModelFamily | None:
     """The family that describes `net`, found by its class (a subclass of a described class is described), or None."""
     for cls in type(net).__mro__:
         for family in FAMILIES:
-            if _describes(family, cls):
+            if family.describes(cls):
                 return family
     return None
 
@@ -51,7 +41,7 @@ def family_of(net: nn.Module) -> ModelFamily:
     family = find_family(net)
     if family is not None:
         return family
-    known = ", ".join(f"{family.name} ({_class_name(family)})" for family in FAMILIES)
+    known = ", ".join(f"{family.name} ({family.class_name})" for family in FAMILIES)
     raise ValueError(
         f"no model family describes {type(net).__name__}; known families: {known}. Describe it with a "
         "ModelFamily subclass (tinyfusion_pl/families/) and add it to tinyfusion_pl.families.FAMILIES."

@@ -53,6 +53,15 @@ class ModelFamily:
     label_argument: ClassVar[str | None] = "y"
     label_drop_argument: ClassVar[str | None] = "force_drop_ids"
 
+    def describes(self, cls: type) -> bool:
+        """Whether instances of exactly `cls` are this family's models."""
+        return cls is self.model_class
+
+    @property
+    def class_name(self) -> str:
+        """The name of the class this family describes (for messages)."""
+        return self.model_class.__name__
+
     # ---------------------------------------------------------------- structure
     def architecture(self, net: nn.Module) -> dict[str, Any]:
         """The constructor keywords that rebuild `net` (depths included) with `build`."""
@@ -82,6 +91,10 @@ class ModelFamily:
     def block_streams(self, container_index: int) -> BlockStreams | None:
         """The streams of the blocks in container `container_index`; None for blocks with one hidden state."""
         return None
+
+    def required_blocks(self, net: nn.Module) -> tuple[int, ...]:
+        """Global indices of blocks that every exportable decision keeps (check_kept_blocks says why)."""
+        return ()
 
     def check_kept_blocks(self, net: nn.Module, kept_blocks: Sequence[int]) -> None:
         """Refuse, with the reason, a decision (global indices in computation order) that cannot be exported."""
@@ -128,6 +141,10 @@ class ModelFamily:
         return condition
 
     # ---------------------------------------------------------------- saving and loading
+    def checkpoint_name(self, stem: str) -> str:
+        """The name `save` gives a checkpoint called `stem` in a folder: a .pt file here (a folder for diffusers)."""
+        return f"{stem}.pt"
+
     def load_state_dict(self, net: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load strictly, or raise CheckpointMismatchError naming the missing, unexpected and misshapen keys."""
         load_dit_state_dict(net, state_dict)

@@ -88,10 +88,6 @@ class DiffusersTransformerFamily(ModelFamily):
     def architecture(self, net: nn.Module) -> dict[str, Any]:
         return {key: value for key, value in net.config.items() if not key.startswith("_")}
 
-    def required_blocks(self, net: nn.Module) -> tuple[int, ...]:
-        """Global indices of blocks that every exportable decision keeps (check_kept_blocks says why)."""
-        return ()
-
     def after_depth_change(self, net: nn.Module, block_counts: Sequence[int]) -> None:
         net.register_to_config(**dict(zip(self.depth_arguments, (int(count) for count in block_counts), strict=True)))
 
@@ -120,6 +116,9 @@ class DiffusersTransformerFamily(ModelFamily):
         raise self._called_the_diffusers_way()
 
     # ---------------------------------------------------------------- saving and loading
+    def checkpoint_name(self, stem: str) -> str:
+        return stem  # a save_pretrained folder
+
     def save(self, net: nn.Module, path: str | os.PathLike) -> Path:
         """Write the model as a save_pretrained folder at `path` (config.json with its depth, and its weights)."""
         return save_pretrained_folder(net, path)
@@ -240,6 +239,9 @@ class DiffusersDenoiserFamily(ModelFamily):
         self.transformer.after_depth_change(net.model, block_counts)
 
     # ---------------------------------------------------------------- saving and loading
+    def checkpoint_name(self, stem: str) -> str:
+        return stem  # a save_pretrained folder
+
     def save(self, net: nn.Module, path: str | os.PathLike) -> Path:
         """Write the diffusers model (not the adapter) as a save_pretrained folder at `path`."""
         return save_pretrained_folder(net, path)

@@ -152,8 +152,9 @@ def resolve_teacher_checkpoint(cfg: DictConfig) -> Path:
     """
     if cfg.teacher.checkpoint:
         path = Path(cfg.teacher.checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"teacher.checkpoint={path} does not exist. Pass the path of a model checkpoint.")
+        if not path.exists():
+            raise FileNotFoundError(f"teacher.checkpoint={path} does not exist. Pass the path of a model checkpoint "
+                                    "(a file, or a save_pretrained folder for a diffusers model).")
         return path
     this_run = Path(cfg.paths.run_dir) / "pretrain" / "model.pt"
     if this_run.is_file():
@@ -257,3 +258,11 @@ def judge_samples(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor) -
 
     classifier = load_or_train_digits_classifier(cfg.paths.cache_dir, cfg.data.image_size)
     return {"conditional_accuracy": conditional_accuracy(classifier, images, labels)}
+
+
+def pruned_checkpoint_name(prune_folder: Path) -> str:
+    """The name of the pruned model in a prune folder: what decision.json records (pruned.pt by default)."""
+    decision = prune_folder / "decision.json"
+    if decision.is_file():
+        return json.loads(decision.read_text()).get("checkpoint", "pruned.pt")
+    return "pruned.pt"

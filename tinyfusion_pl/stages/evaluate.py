@@ -36,6 +36,7 @@ from tinyfusion_pl.stages.common import (
     judge,
     load_model,
     model_blueprint,
+    pruned_checkpoint_name,
     resolve_teacher_checkpoint,
     sampler_options,
     save_image_grid,
@@ -46,7 +47,7 @@ MODELS = ("teacher", "pruned")
 FID_MODES = ("auto", "digits", "inception", "none")
 DEVICES = ("auto", "cpu", "cuda")
 # Where the run folder's stages leave the pruned model, best first: recovered, then freshly pruned.
-PRUNED_OUTPUTS = ("recover/model.pt", "prune/pruned.pt")
+PRUNED_OUTPUTS = ("recover/model.pt", "prune/pruned.pt")  # prune/: the name decision.json records
 GRID_COLUMNS = 10
 
 
@@ -67,14 +68,14 @@ def pruned_checkpoint(cfg: DictConfig) -> Path:
     """evaluate.pruned_checkpoint when given, else this run's recover/model.pt, else its prune/pruned.pt."""
     if cfg.evaluate.pruned_checkpoint:
         path = Path(cfg.evaluate.pruned_checkpoint)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"evaluate.pruned_checkpoint={path} does not exist. Pass the path of a pruned "
                                     "or recovered checkpoint (prune/pruned.pt or recover/model.pt of a run).")
         return path
     run_dir = Path(cfg.paths.run_dir)
-    for relative in PRUNED_OUTPUTS:
-        if (run_dir / relative).is_file():
-            return run_dir / relative
+    for path in (run_dir / "recover" / "model.pt", run_dir / "prune" / pruned_checkpoint_name(run_dir / "prune")):
+        if path.exists():
+            return path
     raise FileNotFoundError(
         f"evaluate.models includes 'pruned' but the run folder {run_dir} holds neither {' nor '.join(PRUNED_OUTPUTS)}. "
         "Run stage=prune (and stage=recover) with this paths.run_dir first, pass "

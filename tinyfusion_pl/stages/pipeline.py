@@ -15,6 +15,7 @@ from tinyfusion_pl.stages.common import (
     build_loggers,
     finish_loggers,
     model_title,
+    pruned_checkpoint_name,
     resolve_teacher_checkpoint,
     stage_dir,
 )
@@ -107,6 +108,6 @@ def log_report(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> None:
     log_images(loggers, {"report/samples_teacher": run_dir / "evaluate" / "samples_teacher.png",
                          "report/samples_pruned": run_dir / "evaluate" / "samples_pruned.png",
                          "report/decision_dynamics": run_dir / "prune" / "decision_dynamics.png"})
-    log_artifact(loggers, "pruned", run_dir / "prune" / "pruned.pt")
+    log_artifact(loggers, "pruned", run_dir / "prune" / pruned_checkpoint_name(run_dir / "prune"))
     log_artifact(loggers, "recovered", run_dir / "recover" / "model.pt")
     finish_loggers(loggers, stage_dir(cfg, "report"))

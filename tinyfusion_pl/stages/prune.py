@@ -85,7 +85,8 @@ def baseline_selection(cfg: DictConfig, net: nn.Module, objective: Any, batches:
 
 
 def run_prune(cfg: DictConfig) -> dict[str, Any]:
-    """Select the kept blocks of the teacher, export the shallow model; writes pruned.pt and decision.json."""
+    """Select the kept blocks of the teacher, export the shallow model; writes pruned.pt (in the family's own
+    format) and decision.json."""
     folder = stage_dir(cfg, "prune")
     teacher_path = resolve_teacher_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -107,12 +108,13 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
     decision.update(
         selector=cfg.pruning.selector,
         blocks=family.block_argument(),  # the containers' paths under the model, whichever selector chose
+        checkpoint=family.checkpoint_name("pruned"),  # pruned.pt, or a save_pretrained folder
         teacher=str(teacher_path),
         num_blocks=sum(family.block_counts(net)),
         calibration_loss=calibration_loss(shallow, objective, batches, seed=cfg.seed),
     )
-    family.save(shallow, folder / "pruned.pt")
+    checkpoint = family.save(shallow, folder / decision["checkpoint"])
     save_json(decision, folder / "decision.json")
     return {"kept_blocks": decision["kept_blocks"], "calibration_loss": decision["calibration_loss"],
-            "pruned": str(folder / "pruned.pt")}
+            "pruned": str(checkpoint)}
 

@@ -23,6 +23,7 @@ from tinyfusion_pl.stages.common import (
     judge_samples,
     load_model,
     model_title,
+    pruned_checkpoint_name,
     sample_grid,
     stage_dir,
 )
@@ -33,7 +34,7 @@ DISTILL_METHODS = ("none", "kd", "masked_kd")
 def pruned_folder(cfg: DictConfig) -> Path:
     """recover.pruned when given, else this run's prune/ folder; it must hold pruned.pt and decision.json."""
     folder = Path(cfg.recover.pruned) if cfg.recover.pruned else Path(cfg.paths.run_dir) / "prune"
-    missing = [name for name in ("pruned.pt", "decision.json") if not (folder / name).is_file()]
+    missing = [name for name in (pruned_checkpoint_name(folder), "decision.json") if not (folder / name).exists()]
     if missing:
         raise FileNotFoundError(
             f"recover.pruned={folder} lacks {', '.join(missing)}. Run stage=prune in this run folder first, or pass "
@@ -52,7 +53,7 @@ def recovery_teacher(cfg: DictConfig, decision: dict[str, Any]) -> tuple[nn.Modu
             f"teacher.name={cfg.teacher.name} needs its weights: pass teacher.checkpoint=/path/to/model.pt as well."
         )
     path = Path(cfg.teacher.checkpoint or decision["teacher"])
-    if not path.is_file():
+    if not path.exists():
         source = "teacher.checkpoint" if cfg.teacher.checkpoint else "the pruning teacher in decision.json"
         raise FileNotFoundError(f"{source}, {path}, does not exist. Pass teacher.checkpoint=/path/to/model.pt.")
     return load_model(cfg, path, cfg.teacher.name), path
@@ -90,7 +91,7 @@ def run_recover(cfg: DictConfig) -> dict[str, Any]:
     source = pruned_folder(cfg)
     L.seed_everything(cfg.seed, workers=True)
     decision = json.loads((source / "decision.json").read_text())
-    student = load_model(cfg, source / "pruned.pt")
+    student = load_model(cfg, source / pruned_checkpoint_name(source))
     datamodule = instantiate(cfg.data)
     objective = instantiate(cfg.objective)
     batches = calibration_batches(datamodule, cfg.recover.calibration_batches, seed=cfg.seed)
