@@ -131,8 +131,8 @@ def load_model(cfg: DictConfig, checkpoint: str | Path, registry_name: str | Non
 
 
 def model_title(cfg: DictConfig) -> str:
-    """How reports and grids name the configured model: its registry name, else its class."""
-    return cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1]
+    """How reports and grids name the configured model: its registry name, else its family's class."""
+    return cfg.model.get("name") or model_family(cfg).class_name
 
 
 # --------------------------------------------------------------------------- the teacher
