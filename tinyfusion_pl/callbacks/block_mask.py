@@ -26,13 +26,15 @@ from tinyfusion_pl.pruning.block_hooks import (
 )
 from tinyfusion_pl.pruning.containers import (
     BlockPaths,
+    BlockSequence,
     block_paths_problem,
     describe_paths,
+    described_owners,
     resolve_block_sequence,
 )
 from tinyfusion_pl.pruning.dynamics import decision_dynamics_figure, save_figure_atomically
 from tinyfusion_pl.pruning.gates import BlockGates, Schedule, linear_schedule
-from tinyfusion_pl.pruning.patterns import BlockPattern, Group
+from tinyfusion_pl.pruning.patterns import BlockPattern, Group, required_blocks_problem
 
 DYNAMICS_FILENAME = "decision_dynamics.png"
 
@@ -81,6 +83,12 @@ class DifferentiableBlockMask(Callback):
     (validation, sampling, ``trainer.validate``) every block follows the current decision, so the logged
     validation metrics measure the pruned model. The decision is, per group, the option with the largest
     exponential moving average of its logit; ``kept_blocks`` holds it at any time.
+
+    When a model family describes the module that owns the blocks and requires some of them (SD3's
+    context-pre-only last block; block 0 of a diffusers DiT whose blocks hold different embedders), setup
+    restricts every group to the options that keep them: the gates never draw, and the decision never
+    drops, a block that ``prune_blocks`` would refuse to drop. A group that cannot keep all of its required
+    blocks stops setup with a message naming them and the fix.
 
     The gate logits live in the callback, never in the model: they join the first optimizer that
     ``configure_optimizers`` returns as an extra parameter group, and teardown removes every hook, so the
@@ -210,6 +218,7 @@ class DifferentiableBlockMask(Callback):
         self._run_steps: int | None = None
         self._record_every = 1
         self._container_starts: list[int] = []
+        self._required_blocks: tuple[int, ...] | None = None  # known from setup on
 
     # ------------------------------------------------------------------ public read-outs
 
@@ -257,6 +266,7 @@ class DifferentiableBlockMask(Callback):
             "pattern": self.pattern.describe(),
             "groups": [list(group) for group in gates.groups],
             "kept_blocks": gates.kept_blocks(),
+            "required_blocks": list(gates.required_blocks),
             "group_kept_blocks": gates.kept_by_group(chosen),
             "chosen_options": chosen,
             "confidences": gates.confidences(self.current_scaling),
@@ -287,11 +297,16 @@ class DifferentiableBlockMask(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         sequence = resolve_block_sequence(pl_module, self.blocks)
         groups = self.pattern.groups_for_depth(len(sequence))
+        required = self._family_required_blocks(pl_module, sequence, groups)
         if self.gates is None:
-            self.gates = BlockGates(groups, self.init_logit)
+            self.gates = BlockGates(groups, self.init_logit, required)
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
+        if self.gates.required_blocks != required:  # gates built at construction, or a state from another model
+            self.gates = self.gates.with_required_blocks(required)
+            self._kept_mask = None
+        self._required_blocks = required
         if self._seed is None:
             self._seed = torch.initial_seed()
         self._rank = trainer.global_rank
@@ -299,6 +314,26 @@ class DifferentiableBlockMask(Callback):
         self._hooks = BlockMaskHooks(sequence.blocks, self._mask_for_block, self.hidden_state,
                                      streams=sequence_streams(pl_module, sequence, self.streams))
         self._container_starts = sequence.starts
+
+    def _family_required_blocks(
+        self, root: nn.Module, sequence: BlockSequence, groups: list[Group]
+    ) -> tuple[int, ...]:
+        """The blocks the families of the modules owning the containers require, or raise if the groups cannot keep them."""
+        required: set[int] = set()
+        families = []
+        for owner in described_owners(root, sequence.paths):
+            blocks = owner.required_blocks(root, sequence)
+            if blocks:
+                required.update(blocks)
+                families.append(f"the {owner.family.class_name} family (of '{owner.path or type(root).__name__}')")
+        problem = required_blocks_problem(groups, sorted(required))
+        if problem is not None:
+            raise ValueError(
+                f"DifferentiableBlockMask(blocks={describe_paths(self.blocks)}, pattern={self.pattern.describe()!r}): "
+                f"{' and '.join(families)} requires blocks {sorted(required)} (global indices over the blocks; every "
+                f"exportable decision keeps them, prune_blocks refuses one that drops them), but {problem}."
+            )
+        return tuple(sorted(required))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning 2.6 order: setup -> callback state restored -> configure_optimizers -> on_fit_start ->
@@ -381,10 +416,13 @@ class DifferentiableBlockMask(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.gates is None:
             return {}
+        # Over all C(M, N) options of each group (-inf where inadmissible), so a state loads whatever the requirement.
+        gate_logits, ema_logits = self.gates.full_logits()
         return {
             "groups": [list(group) for group in self.gates.groups],
-            "gate_logits": [logits.detach().cpu().clone() for logits in self.gates.gate_logits],
-            "ema_logits": [ema.detach().cpu().clone() for ema in self.gates.ema_logits],
+            "required_blocks": list(self.gates.required_blocks),
+            "gate_logits": gate_logits,
+            "ema_logits": ema_logits,
             "seed": self._seed,
             "draws": self._draws,
             "progress": self._progress,
@@ -406,11 +444,11 @@ class DifferentiableBlockMask(Callback):
                 f"The checkpoint's DifferentiableBlockMask state has groups {saved_groups}, but this callback "
                 f"has {list(gates.groups)}. Resume with the pattern the checkpoint was trained with."
             )
-        with torch.no_grad():
-            for target, saved in zip(gates.gate_logits, state.get("gate_logits", []), strict=False):
-                target.copy_(saved)
-            for target, saved in zip(gates.ema_logits, state.get("ema_logits", []), strict=False):
-                target.copy_(saved)
+        saved_required = tuple(state.get("required_blocks", gates.required_blocks))
+        if self._required_blocks is None and saved_required != gates.required_blocks:
+            # Before setup the family's requirement is unknown: take the checkpoint's (setup checks it again).
+            gates = self.gates = gates.with_required_blocks(saved_required)
+        gates.load_full_logits(state.get("gate_logits", []), state.get("ema_logits", []))
         self._seed = state.get("seed", self._seed)
         self._draws = state.get("draws", self._draws)
         self._progress = state.get("progress", self._progress)

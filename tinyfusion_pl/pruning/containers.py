@@ -154,6 +154,22 @@ class DescribedOwner:
             start += count
         return kept
 
+    def required_blocks(self, root: nn.Module, sequence: BlockSequence) -> list[int]:
+        """The blocks the family requires (every exportable decision keeps them), as global indices over `sequence`.
+
+        A required block in one of the family's containers that `sequence` does not hold is never gated: it stays.
+        """
+        owner = self.module(root)
+        required, start = [], 0
+        family_required = self.family.required_blocks(owner)
+        for family_path in self.family.blocks:
+            count = len(owner.get_submodule(family_path))
+            if family_path in self.given:
+                sequence_start = sequence.starts[sequence.paths.index(self.given[family_path])]
+                required += [sequence_start + index - start for index in family_required if start <= index < start + count]
+            start += count
+        return sorted(required)
+
 
 def find_owner(root: nn.Module, path: str) -> tuple[str, ModelFamily, str] | None:
     """The nearest module above `path` whose family lists `path` among its block containers:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyfusion_pl.pruning.patterns import Group, enumerate_options, group_starts
+from tinyfusion_pl.pruning.patterns import Group, enumerate_options, group_starts, required_blocks_problem
 
 Schedule = float | tuple[float, float]
 
@@ -41,25 +42,47 @@ def straight_through_gumbel(
 
 
 class BlockGates(nn.Module):
-    """One learnable logit per keep-option of every group, their EMA, and the decision the EMA makes."""
+    """One learnable logit per admissible keep-option of every group, their EMA, and the decision the EMA makes.
 
-    def __init__(self, groups: Sequence[Group], init_logit: float = 0.02) -> None:
+    An option is admissible when it keeps every one of `required_blocks` (global indices) that lies in its
+    group; without required blocks every C(M, N) option is. Options are numbered by their position among
+    all C(M, N) options of the group in lexicographic order (`enumerate_options`), whatever the requirement,
+    so decisions, histories and saved states compare across requirements.
+    """
+
+    def __init__(self, groups: Sequence[Group], init_logit: float = 0.02, required_blocks: Sequence[int] = ()) -> None:
         super().__init__()
         self.groups = [tuple(group) for group in groups]
+        problem = required_blocks_problem(self.groups, required_blocks)
+        if problem is not None:
+            raise ValueError(f"required_blocks={sorted(required_blocks)}: {problem}.")
+        self.required_blocks = tuple(sorted(set(required_blocks)))
+        self.init_logit = float(init_logit)
         self.starts = group_starts(self.groups)
         self.depth = sum(size for _, size in self.groups)
-        option_tables = [enumerate_options(keep, size) for keep, size in self.groups]
+        # Per group, every C(M, N) option (for reading any option number back) and the numbers of the admissible ones.
+        self.all_options = [enumerate_options(keep, size) for keep, size in self.groups]
+        option_ids = []
+        for start, table in zip(self.starts, self.all_options, strict=True):
+            offsets = [block - start for block in self.required_blocks if start <= block < start + table.shape[1]]
+            option_ids.append(table[:, offsets].all(dim=1).nonzero().flatten())
         self.gate_logits = nn.ParameterList(
-            nn.Parameter(torch.full((len(table),), float(init_logit))) for table in option_tables
+            nn.Parameter(torch.full((len(ids),), self.init_logit)) for ids in option_ids
         )
-        for index, table in enumerate(option_tables):
-            self.register_buffer(f"options_{index}", table, persistent=False)
-            self.register_buffer(f"ema_logits_{index}", torch.full((len(table),), float(init_logit)))
+        for index, (table, ids) in enumerate(zip(self.all_options, option_ids, strict=True)):
+            self.register_buffer(f"options_{index}", table[ids], persistent=False)
+            self.register_buffer(f"option_ids_{index}", ids, persistent=False)
+            self.register_buffer(f"ema_logits_{index}", torch.full((len(ids),), self.init_logit))
 
     @property
     def option_tables(self) -> list[torch.Tensor]:
-        """Per group, the (C, M) table of 0/1 keep-masks, one row per option."""
+        """Per group, the (C, M) table of 0/1 keep-masks, one row per admissible option."""
         return [getattr(self, f"options_{index}") for index in range(len(self.groups))]
+
+    @property
+    def option_ids(self) -> list[torch.Tensor]:
+        """Per group, (C,) the number of every admissible option among all C(M, N) options of the group."""
+        return [getattr(self, f"option_ids_{index}") for index in range(len(self.groups))]
 
     @property
     def ema_logits(self) -> list[torch.Tensor]:
@@ -68,7 +91,7 @@ class BlockGates(nn.Module):
 
     @property
     def option_counts(self) -> list[int]:
-        """Number of options C(M, N) of every group."""
+        """Number of admissible options of every group (C(M, N) without required blocks)."""
         return [len(logits) for logits in self.gate_logits]
 
     def draw_noise(self, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -91,8 +114,8 @@ class BlockGates(nn.Module):
 
     @torch.no_grad()
     def chosen_options(self) -> torch.Tensor:
-        """(G,) index of the option with the largest EMA logit in every group (ties: the first)."""
-        return torch.stack([ema.argmax() for ema in self.ema_logits])
+        """(G,) number of the option with the largest EMA logit in every group (ties: the first), among all C(M, N)."""
+        return torch.stack([ids[ema.argmax()] for ids, ema in zip(self.option_ids, self.ema_logits, strict=True)])
 
     @torch.no_grad()
     def confidences(self, scaling: float) -> list[float]:
@@ -100,13 +123,57 @@ class BlockGates(nn.Module):
         return [float((scaling * ema.float()).softmax(dim=0).max()) for ema in self.ema_logits]
 
     def kept_by_group(self, chosen: Sequence[int] | None = None) -> list[list[int]]:
-        """Per group, the global indices of the blocks its chosen option keeps."""
+        """Per group, the global indices of the blocks its chosen option (a number among all C(M, N)) keeps."""
         chosen = self.chosen_options().tolist() if chosen is None else list(chosen)
         kept = []
-        for start, table, option in zip(self.starts, self.option_tables, chosen, strict=True):
+        for start, table, option in zip(self.starts, self.all_options, chosen, strict=True):
             kept.append([start + int(offset) for offset in table[option].nonzero().flatten().tolist()])
         return kept
 
     def kept_blocks(self) -> list[int]:
         """Sorted global indices of the blocks the current EMA decision keeps."""
         return [index for group in self.kept_by_group() for index in group]
+
+    # ------------------------------------------------------------------ states over all options
+
+    @torch.no_grad()
+    def full_logits(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per group, the gate logits and their EMA over all C(M, N) options, -inf at the inadmissible ones (CPU)."""
+        full: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        for table, ids, logits, ema in zip(self.all_options, self.option_ids, self.gate_logits, self.ema_logits,
+                                           strict=True):
+            for target, values in zip(full, (logits, ema), strict=True):
+                spread = torch.full((len(table),), -math.inf, dtype=values.dtype)
+                spread[ids.cpu()] = values.detach().cpu()
+                target.append(spread)
+        return full
+
+    @torch.no_grad()
+    def load_full_logits(
+        self, gate_logits: Sequence[torch.Tensor] = (), ema_logits: Sequence[torch.Tensor] = ()
+    ) -> None:
+        """Take each admissible option's logit and EMA from per-group values over all C(M, N) options.
+
+        Options that are -inf there (inadmissible where they were saved) keep their current values; groups
+        missing from the lists are left alone.
+        """
+        for group, (ids, logits, ema) in enumerate(zip(self.option_ids, self.gate_logits, self.ema_logits,
+                                                        strict=True)):
+            for target, saved in ((logits, gate_logits), (ema, ema_logits)):
+                if group >= len(saved):
+                    continue
+                values = torch.as_tensor(saved[group])
+                if values.shape != (len(self.all_options[group]),):
+                    raise ValueError(
+                        f"group {group} {list(self.groups[group])} has {len(self.all_options[group])} options, but "
+                        f"the saved logits hold {tuple(values.shape)} values; save and load with the same pattern."
+                    )
+                values = values[ids.cpu()].to(target.device, target.dtype)
+                learned = torch.isfinite(values)
+                target[learned] = values[learned]
+
+    def with_required_blocks(self, required_blocks: Sequence[int]) -> BlockGates:
+        """Gates over the same groups whose options keep `required_blocks`; options both admit keep their logits."""
+        gates = BlockGates(self.groups, self.init_logit, required_blocks).to(self.gate_logits[0].device)
+        gates.load_full_logits(*self.full_logits())
+        return gates

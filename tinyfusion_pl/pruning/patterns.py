@@ -38,6 +38,25 @@ def group_starts(groups: Sequence[Group]) -> list[int]:
     return starts
 
 
+def required_blocks_problem(groups: Sequence[Group], required_blocks: Sequence[int]) -> str | None:
+    """Why the groups cannot keep every required block (global indices), naming the group and the fix; None if they can."""
+    depth = sum(size for _, size in groups)
+    outside = sorted(block for block in required_blocks if not 0 <= block < depth)
+    if outside:
+        return f"blocks {outside} are outside the {depth} blocks the groups cover (0 to {depth - 1})"
+    for position, ((keep, size), start) in enumerate(zip(groups, group_starts(groups), strict=True)):
+        inside = sorted(block for block in set(required_blocks) if start <= block < start + size)
+        if len(inside) > keep:
+            widened = [list(group) for group in groups]
+            widened[position] = [len(inside), size]
+            return (
+                f"group {position} (blocks {start}-{start + size - 1}, [{keep}, {size}]) keeps {keep} of its {size} "
+                f"blocks, fewer than its required blocks {inside}. Let that group keep at least {len(inside)}, e.g. "
+                f"pattern={widened}, or use larger groups that hold them among more blocks"
+            )
+    return None
+
+
 def _divisors(number: int) -> list[int]:
     return [d for d in range(1, number + 1) if number % d == 0]
 

@@ -1,7 +1,9 @@
 """Baseline block selectors the paper compares against: block influence, sensitivity, oracle, by index, random.
 
 Every selector returns a Selection: the kept blocks and one score per block, where a higher score means
-more worth keeping, so every selector keeps the N highest-scoring blocks of each group. Plain torch.
+more worth keeping, so every selector keeps the N highest-scoring blocks of each group. `required_blocks`
+(the model family's: `family.required_blocks(net)`, global indices) are kept whatever their score, and each
+group is filled with the best-scoring of its other blocks; a fixed list that drops one is refused. Plain torch.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from tinyfusion_pl.pruning.block_hooks import BlockMaskHooks, StreamsArgument, b
 from tinyfusion_pl.pruning.calibration import Batch, calibration_loss, calibration_losses
 from tinyfusion_pl.pruning.containers import BlockPaths, resolve_block_sequence
 from tinyfusion_pl.pruning.export import check_kept_blocks
-from tinyfusion_pl.pruning.patterns import BlockPattern, Group, blocks_kept, group_starts
+from tinyfusion_pl.pruning.patterns import (
+    BlockPattern,
+    Group,
+    blocks_kept,
+    group_starts,
+    required_blocks_problem,
+)
 
 
 @dataclass(frozen=True)
@@ -65,16 +73,41 @@ def selection_groups(
     return request.groups_for_depth(depth)
 
 
-def keep_highest(scores: torch.Tensor, groups: Sequence[Group]) -> list[int]:
-    """The N highest-scoring blocks of every (N, M) group, sorted; ties keep the earlier block."""
+def check_required_blocks(groups: Sequence[Group], required_blocks: Sequence[int]) -> list[int]:
+    """`required_blocks` sorted, after checking that they are block indices every group can keep."""
+    depth = sum(size for _, size in groups)
+    required = check_kept_blocks(required_blocks, depth, blocks=None, argument="required_blocks") \
+        if len(required_blocks) else []
+    problem = required_blocks_problem(groups, required)
+    if problem is not None:
+        raise ValueError(f"required_blocks={required}: {problem}.")
+    return required
+
+
+def keep_highest(scores: torch.Tensor, groups: Sequence[Group], required_blocks: Sequence[int] = ()) -> list[int]:
+    """The required blocks and the highest-scoring others, N in every (N, M) group, sorted; ties keep the earlier block."""
     depth = sum(size for _, size in groups)
     if scores.shape != (depth,):
         raise ValueError(f"scores has shape {tuple(scores.shape)} but the groups {list(groups)} cover {depth} blocks.")
+    required = check_required_blocks(groups, required_blocks)
     kept = []
     for (keep, size), start in zip(groups, group_starts(groups), strict=True):
-        order = torch.sort(scores[start:start + size], descending=True, stable=True).indices
-        kept.extend(start + int(index) for index in order[:keep])
+        order = torch.sort(scores[start:start + size], descending=True, stable=True).indices + start
+        order = [int(block) for block in order]
+        ranked = [block for block in order if block in required] + [block for block in order if block not in required]
+        kept.extend(ranked[:keep])
     return sorted(kept)
+
+
+def check_keeps_required(kept_blocks: Sequence[int], required_blocks: Sequence[int], source: str, fix: str) -> None:
+    """Refuse a fixed list of kept blocks (`source` says where it comes from) that drops a required block."""
+    dropped = sorted(set(required_blocks) - set(kept_blocks))
+    if dropped:
+        raise ValueError(
+            f"{source} drops blocks {dropped}, which the model's family requires (required_blocks="
+            f"{sorted(required_blocks)}: every exportable decision keeps them, and prune_blocks would refuse this "
+            f"one). {fix}"
+        )
 
 
 # ---------------------------------------------------------------------------------------- scores
@@ -169,13 +202,16 @@ def bi_score(
     seed: int = 0,
     progress: bool = False,
     streams: StreamsArgument = None,
+    required_blocks: Sequence[int] = (),
 ) -> Selection:
     """ShortGPT: keep the blocks with the highest block influence, i.e. drop those closest to the identity.
 
     A two-stream block (SD3, Flux) is compared on its hidden state `hidden_states` (the first input stream).
+    `required_blocks` are kept whatever their influence.
     """
+    check_required_blocks(groups, required_blocks)  # before the calibration passes
     scores = block_influence(net, objective, batches, blocks=blocks, seed=seed, progress=progress, streams=streams)
-    return Selection(keep_highest(scores, groups), scores.tolist(), list(groups))
+    return Selection(keep_highest(scores, groups, required_blocks), scores.tolist(), list(groups))
 
 
 def sensitivity(
@@ -187,30 +223,43 @@ def sensitivity(
     seed: int = 0,
     progress: bool = False,
     streams: StreamsArgument = None,
+    required_blocks: Sequence[int] = (),
 ) -> Selection:
-    """Sensitivity analysis: keep the blocks whose removal raises the calibration loss most, drop the cheapest."""
+    """Sensitivity analysis: keep the blocks whose removal raises the calibration loss most, drop the cheapest.
+
+    `required_blocks` are kept whatever their removal costs.
+    """
+    check_required_blocks(groups, required_blocks)  # before the calibration passes
     scores = removal_costs(net, objective, batches, blocks=blocks, seed=seed, progress=progress, streams=streams)
-    return Selection(keep_highest(scores, groups), scores.tolist(), list(groups))
+    return Selection(keep_highest(scores, groups, required_blocks), scores.tolist(), list(groups))
 
 
-def random_blocks(depth: int, groups: Sequence[Group], seed: int) -> Selection:
-    """N of every M blocks uniformly at random, reproducible from `seed`; the scores are the random draws."""
+def random_blocks(depth: int, groups: Sequence[Group], seed: int, required_blocks: Sequence[int] = ()) -> Selection:
+    """N of every M blocks uniformly at random, reproducible from `seed`; the scores are the random draws.
+
+    `required_blocks` are kept; the rest of their group is drawn uniformly from its other blocks.
+    """
     covered = sum(size for _, size in groups)
     if covered != depth:
         raise ValueError(f"groups={list(groups)} cover {covered} blocks but the model has depth={depth}.")
     # The top N of i.i.d. continuous draws is a uniformly random N-subset of each group.
     scores = torch.rand(depth, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return Selection(keep_highest(scores, groups), scores.tolist(), list(groups))
+    return Selection(keep_highest(scores, groups, required_blocks), scores.tolist(), list(groups))
 
 
-def by_index(depth: int, kept_blocks: Sequence[int], num_keep: int | None = None) -> Selection:
-    """Exactly the listed blocks, checked: integers, in range, unique, and `num_keep` of them when given."""
+def by_index(
+    depth: int, kept_blocks: Sequence[int], num_keep: int | None = None, required_blocks: Sequence[int] = ()
+) -> Selection:
+    """Exactly the listed blocks, checked: integers, in range, unique, `num_keep` of them when given, and
+    keeping every one of `required_blocks`."""
     kept = check_kept_blocks(kept_blocks, depth, blocks=None, argument="kept_blocks")
     if num_keep is not None and len(kept) != num_keep:
         raise ValueError(
             f"kept_blocks={kept} keeps {len(kept)} blocks but num_keep={num_keep}: list exactly {num_keep} "
             "blocks, or set num_keep=null to accept any count."
         )
+    check_keeps_required(kept, required_blocks, source=f"kept_blocks={kept}",
+                         fix="Add them to kept_blocks (in place of others where num_keep fixes the count).")
     scores = [1.0 if block in kept else 0.0 for block in range(depth)]
     return Selection(kept, scores, [(len(kept), depth)])
 
@@ -229,6 +278,14 @@ def bk_sdm_blocks(depth: int) -> list[int]:
     return list(range(0, half, 2)) + list(range(half + 1, depth, 2))
 
 
-def oracle(depth: int, kept_blocks: Sequence[int] | None = None) -> Selection:
-    """A fixed expert list: `kept_blocks` when given, else BK-SDM's (0, 2, ..., 12, 15, ..., 27 for 28 blocks)."""
-    return by_index(depth, bk_sdm_blocks(depth) if kept_blocks is None else kept_blocks)
+def oracle(depth: int, kept_blocks: Sequence[int] | None = None, required_blocks: Sequence[int] = ()) -> Selection:
+    """A fixed expert list: `kept_blocks` when given, else BK-SDM's (0, 2, ..., 12, 15, ..., 27 for 28 blocks).
+
+    A list that drops one of `required_blocks` is refused.
+    """
+    if kept_blocks is None:
+        bk_sdm = bk_sdm_blocks(depth)
+        check_keeps_required(bk_sdm, required_blocks, source=f"BK-SDM's oracle list for {depth} blocks {bk_sdm}",
+                             fix="Pass kept_blocks=[...] that keeps them instead.")
+        return by_index(depth, bk_sdm)
+    return by_index(depth, kept_blocks, required_blocks=required_blocks)

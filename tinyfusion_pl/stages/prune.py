@@ -69,18 +69,20 @@ def baseline_selection(cfg: DictConfig, net: nn.Module, objective: Any, batches:
     if pruning.selector in ("oracle", "by_index"):
         pattern = None
         if pruning.selector == "oracle":
-            selection = oracle(depth, options["kept_blocks"])
+            selection = oracle(depth, options["kept_blocks"], required_blocks=family.required_blocks(net))
         else:
-            selection = by_index(depth, options["kept_blocks"], num_keep=options["num_keep"])
+            selection = by_index(depth, options["kept_blocks"], num_keep=options["num_keep"],
+                                 required_blocks=family.required_blocks(net))
     else:
         pattern = options["pattern"]
         groups = selection_groups(depth, pattern, options["keep_ratio"], options["group_size"])
         if pruning.selector == "random":
             seed = cfg.seed if options.get("seed") is None else options["seed"]
-            selection = random_blocks(depth, groups, seed=seed)
+            selection = random_blocks(depth, groups, seed=seed, required_blocks=family.required_blocks(net))
         else:
             score = bi_score if pruning.selector == "bi_score" else sensitivity
-            selection = score(net, objective, batches, groups, blocks=blocks, seed=cfg.seed, progress=pruning.progress)
+            selection = score(net, objective, batches, groups, blocks=blocks, seed=cfg.seed, progress=pruning.progress,
+                              required_blocks=family.required_blocks(net))
     return {"depth": depth, "pattern": pattern, **selection.as_dict()}
 
 
