@@ -1,5 +1,9 @@
 """Cost of a TinyFusion pruning step against a plain full fine-tuning step of the same dense DiT or SiT.
 
+--model diffusers:DiT-Tiny/2 runs diffusers' DiTTransformer2DModel of that registry entry's size instead, in
+its DiffusersDiT adapter; its blocks, and the blocks its family requires every decision to keep, come from
+its model family like ours.
+
 Both variants run on the same model weights, batch and machine, in one run:
   plain    AdamW on every weight of the dense model.
   pruning  N:M block mask (per-sample straight-through Gumbel gates, BlockGates + BlockMaskHooks, the
@@ -25,6 +29,7 @@ activations, adapters). On CUDA the figure is torch.cuda.max_memory_allocated.
 Examples (the figures in benchmarks/README.md):
     python benchmarks/bench_pruning_step.py --out bench_pruning_step.json
     python benchmarks/bench_pruning_step.py --model SiT-Mini/2 --out bench_pruning_step_sit.json
+    python benchmarks/bench_pruning_step.py --model diffusers:DiT-Tiny/2 --threads 1 --out bench_pruning_step_diffusers.json
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ from tinyfusion_pl.evaluation.speed import interleaved_seconds
 from tinyfusion_pl.families import family_of
 from tinyfusion_pl.io import save_json
 from tinyfusion_pl.objectives import DiffusionObjective
-from tinyfusion_pl.pruning.block_hooks import BlockMaskHooks
+from tinyfusion_pl.pruning.block_hooks import BlockMaskHooks, sequence_streams
+from tinyfusion_pl.pruning.containers import resolve_block_sequence
 from tinyfusion_pl.pruning.gates import BlockGates
 from tinyfusion_pl.pruning.lora import inject_lora
 from tinyfusion_pl.pruning.patterns import BlockPattern
@@ -71,7 +77,7 @@ MEMORY_SUBPROCESS_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_step_model_arguments(parser, model_help="registry entry")
+    add_step_model_arguments(parser, model_help="registry entry", diffusers=True)
     parser.add_argument("--pattern", default="1:2", help="N:M block pattern of the pruning variant")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
@@ -126,15 +132,21 @@ def plain_step_function(
 def pruning_step_function(
     model: nn.Module, objective: DiffusionObjective, arguments: argparse.Namespace
 ) -> Callable[[dict], float]:
-    """TinyFusion: gated blocks (one per-sample draw per step), LoRA on the blocks, original weights frozen."""
-    blocks = model.get_submodule(family_of(model).block_argument())
+    """TinyFusion: gated blocks (one per-sample draw per step), LoRA on the blocks, original weights frozen.
+
+    The gates keep the blocks the model's family requires, as DifferentiableBlockMask's do.
+    """
+    family = family_of(model)
+    sequence = resolve_block_sequence(model, family.block_argument())
     model.requires_grad_(False)
-    inject_lora(blocks, rank=arguments.rank, alpha=arguments.alpha)
-    groups = BlockPattern.parse(arguments.pattern).groups_for_depth(len(blocks))
-    gates = BlockGates(groups).to(arguments.device)
+    for container in sequence.containers:
+        inject_lora(container, rank=arguments.rank, alpha=arguments.alpha)
+    groups = BlockPattern.parse(arguments.pattern).groups_for_depth(len(sequence))
+    gates = BlockGates(groups, required_blocks=family.required_blocks(model)).to(arguments.device)
     noise_generator = torch.Generator().manual_seed(arguments.seed + 2)
     current = {}
-    BlockMaskHooks(list(blocks), lambda index, hidden, block: current["masks"][:, index])
+    BlockMaskHooks(sequence.blocks, lambda index, hidden, block: current["masks"][:, index],
+                   streams=sequence_streams(model, sequence, None))
     adapters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [

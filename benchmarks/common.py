@@ -1,5 +1,9 @@
 """What the benchmarks share: their command line, a non-trivial DiT or SiT with its objective, peak memory.
 
+A benchmark that opts in (`add_model_arguments(..., diffusers=True)`) also takes `--model diffusers:DiT-Tiny/2`:
+diffusers' DiTTransformer2DModel at the size of that registry entry, behind its DiffusersDiT adapter
+(tinyfusion_pl.models.diffusers.build_diffusers), so it is stepped, sampled and gated like ours.
+
 Time: the variants' steps rotate (A B, B A, ... for two; A B C, B C A, C A B, ... for three) in one
 process, so drifts in machine load hit every variant alike; wall and process CPU seconds are recorded
 per step after warm-up (tinyfusion_pl.evaluation.speed.interleaved_seconds, the timer of sampling_speed).
@@ -28,7 +32,9 @@ import torch
 import torch.nn as nn
 
 from tinyfusion_pl.evaluation.speed import denoiser_inputs
+from tinyfusion_pl.families import family_of
 from tinyfusion_pl.models import DiT_models, SiT_models, build_dit, build_sit
+from tinyfusion_pl.models.diffusers import build_diffusers
 from tinyfusion_pl.objectives import DiffusionObjective, FlowMatching, GaussianDiffusion
 
 # Whatever a benchmark's step function takes: a dict of tensors, a tuple (x, y), ...
@@ -38,23 +44,32 @@ Batch = Any
 _NOT_SETTINGS = ("out", "measure_memory")
 
 MODEL_NAMES = sorted(DiT_models) + sorted(SiT_models)
+DIFFUSERS_PREFIX = "diffusers:"
+# diffusers' DiT at the size of one of our registry entries: "diffusers:DiT-Tiny/2".
+DIFFUSERS_MODEL_NAMES = [f"{DIFFUSERS_PREFIX}{name}" for name in sorted(DiT_models)]
 OBJECTIVES = ("flow_matching", "gaussian")
 
 
 # ------------------------------------------------------------------------------------ command line
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, model_help: str, default: str = "DiT-Mini/2") -> None:
-    """Add --model and --objective: which DiT or SiT registry entry is run, trained or sampled with which objective."""
-    parser.add_argument("--model", default=default, choices=MODEL_NAMES,
-                        help=f"{model_help} (a DiT or SiT registry entry)")
+def add_model_arguments(
+    parser: argparse.ArgumentParser, model_help: str, default: str = "DiT-Mini/2", diffusers: bool = False
+) -> None:
+    """Add --model and --objective: which DiT or SiT registry entry is run, trained or sampled with which objective.
+
+    With `diffusers`, --model also takes diffusers:<DiT entry>, diffusers' DiT of that size.
+    """
+    choices = MODEL_NAMES + (DIFFUSERS_MODEL_NAMES if diffusers else [])
+    kinds = "a DiT or SiT registry entry" + (", or diffusers:<DiT entry> for diffusers' DiT of its size" if diffusers else "")
+    parser.add_argument("--model", default=default, choices=choices, help=f"{model_help} ({kinds})")
     parser.add_argument("--objective", default=None, choices=OBJECTIVES,
                         help="default: flow_matching for SiT, gaussian for DiT")
 
 
-def add_step_model_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
+def add_step_model_arguments(parser: argparse.ArgumentParser, model_help: str, diffusers: bool = False) -> None:
     """Add --model, --objective, --batch and --tokens: which model is stepped and on how much data."""
-    add_model_arguments(parser, model_help)
+    add_model_arguments(parser, model_help, diffusers=diffusers)
     parser.add_argument("--batch", type=int, default=16, help="samples per step")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per sample (a square grid of patches)")
 
@@ -118,11 +133,33 @@ def patch_size_of(model_name: str) -> int:
     return int(model_name.rsplit("/", 1)[1])
 
 
+def diffusers_dit_like(model_name: str, input_size: int) -> nn.Module:
+    """diffusers' DiTTransformer2DModel (in its DiffusersDiT adapter) with the architecture of our registry DiT."""
+    with torch.device("meta"):  # only its architecture is read
+        reference = build_dit(model_name, input_size=input_size)
+    architecture = family_of(reference).architecture(reference)
+    if architecture["mlp_ratio"] != 4:
+        raise ValueError(f"{model_name} has mlp_ratio={architecture['mlp_ratio']}; diffusers' DiT blocks have 4.")
+    in_channels = architecture["in_channels"]
+    return build_diffusers(
+        "dit", num_layers=architecture["depth"], num_attention_heads=architecture["num_heads"],
+        attention_head_dim=architecture["hidden_size"] // architecture["num_heads"], in_channels=in_channels,
+        out_channels=2 * in_channels if architecture["learn_sigma"] else in_channels,
+        sample_size=architecture["input_size"], patch_size=architecture["patch_size"],
+        num_embeds_ada_norm=architecture["num_classes"], class_dropout_prob=architecture["class_dropout_prob"],
+    )
+
+
 def nontrivial_model(model_name: str, input_size: int, seed: int) -> nn.Module:
-    """The registry DiT or SiT built under `seed`, its zero-initialised weights perturbed so that every block acts."""
+    """The registry DiT or SiT (or diffusers:<DiT entry>, diffusers' DiT of its size) built under `seed`, its
+    zero-initialised weights perturbed so that every block acts."""
     torch.manual_seed(seed)
-    model = build_sit(model_name, input_size=input_size) if model_name in SiT_models \
-        else build_dit(model_name, input_size=input_size)
+    if model_name.startswith(DIFFUSERS_PREFIX):
+        model = diffusers_dit_like(model_name.removeprefix(DIFFUSERS_PREFIX), input_size)
+    elif model_name in SiT_models:
+        model = build_sit(model_name, input_size=input_size)
+    else:
+        model = build_dit(model_name, input_size=input_size)
     # adaLN-Zero makes fresh blocks identities and the output zero; a trained model's are not, so perturb the zeros.
     with torch.no_grad():
         for parameter in model.parameters():

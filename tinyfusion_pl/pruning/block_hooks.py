@@ -256,7 +256,8 @@ def masked_block_output(
             mixed.append(None)
             continue
         keep = mask.to(value.dtype).view(-1, *([1] * (value.dim() - 1)))  # (B, 1, ...)
-        mixed.append(keep * value + (1 - keep) * streams_in[source].to(value.dtype))
+        # m * value + (1 - m) * x in one kernel (exactly value at m = 1, exactly x at m = 0), the same gradients.
+        mixed.append(torch.lerp(streams_in[source].to(value.dtype), value, keep))
     return rebuild(mixed)
 
 
