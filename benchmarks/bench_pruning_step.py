@@ -81,6 +81,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pattern", default="1:2", help="N:M block pattern of the pruning variant")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    parser.add_argument("--lora-target", default=None,
+                        help="comma-separated names (or dotted name endings) of the block Linears to adapt, e.g. "
+                             "'to_q,to_out.0'; default: every Linear of the blocks, like CoOptimizedWeightUpdate")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (gates get 10x)")
     add_step_arguments(parser, VARIANTS)
     return parse_step_arguments(parser, argv)
@@ -139,8 +142,9 @@ def pruning_step_function(
     family = family_of(model)
     sequence = resolve_block_sequence(model, family.block_argument())
     model.requires_grad_(False)
+    target = None if arguments.lora_target is None else arguments.lora_target.split(",")
     for container in sequence.containers:
-        inject_lora(container, rank=arguments.rank, alpha=arguments.alpha)
+        inject_lora(container, rank=arguments.rank, alpha=arguments.alpha, target=target)
     groups = BlockPattern.parse(arguments.pattern).groups_for_depth(len(sequence))
     gates = BlockGates(groups, required_blocks=family.required_blocks(model)).to(arguments.device)
     noise_generator = torch.Generator().manual_seed(arguments.seed + 2)
@@ -250,7 +254,8 @@ def print_table(results: dict) -> None:
     )
     parameters = results["parameters"]
     print(
-        f"pruning variant: {config['pattern']} mask, LoRA rank {config['rank']} on every block Linear "
+        f"pruning variant: {config['pattern']} mask, LoRA rank {config['rank']} on "
+        f"{'every block Linear' if config['lora_target'] is None else config['lora_target']} "
         f"({parameters['lora_adapters']:,} adapter weights = {100 * parameters['lora_adapters'] / parameters['dense']:.2f}% "
         f"of {parameters['dense']:,})"
     )
