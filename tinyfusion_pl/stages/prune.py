@@ -64,25 +64,26 @@ def baseline_selection(cfg: DictConfig, net: nn.Module, objective: Any, batches:
     """A baseline selector of the paper's comparison; the learnable selector's decision fields plus `scores`."""
     family = family_of(net)
     blocks, depth = family.block_argument(), sum(family.block_counts(net))
+    required = family.required_blocks(net)  # e.g. SD3's context-pre-only last block
     pruning = cfg.pruning
     options = OmegaConf.to_container(pruning, resolve=True, throw_on_missing=True)
     if pruning.selector in ("oracle", "by_index"):
         pattern = None
         if pruning.selector == "oracle":
-            selection = oracle(depth, options["kept_blocks"], required_blocks=family.required_blocks(net))
+            selection = oracle(depth, options["kept_blocks"], required_blocks=required)
         else:
             selection = by_index(depth, options["kept_blocks"], num_keep=options["num_keep"],
-                                 required_blocks=family.required_blocks(net))
+                                 required_blocks=required)
     else:
         pattern = options["pattern"]
         groups = selection_groups(depth, pattern, options["keep_ratio"], options["group_size"])
         if pruning.selector == "random":
             seed = cfg.seed if options.get("seed") is None else options["seed"]
-            selection = random_blocks(depth, groups, seed=seed, required_blocks=family.required_blocks(net))
+            selection = random_blocks(depth, groups, seed=seed, required_blocks=required)
         else:
             score = bi_score if pruning.selector == "bi_score" else sensitivity
             selection = score(net, objective, batches, groups, blocks=blocks, seed=cfg.seed, progress=pruning.progress,
-                              required_blocks=family.required_blocks(net))
+                              required_blocks=required)
     return {"depth": depth, "pattern": pattern, **selection.as_dict()}
 
 
