@@ -19,9 +19,9 @@ SHRUNKEN = ["pretrain.max_steps=4", "pruning.max_steps=4", "pruning.calibration_
             "evaluate.speed.repeats=1"]
 
 
-@pytest.fixture(scope="module", params=["dit_digits", "sit_digits"])
+@pytest.fixture(scope="module", params=["dit_digits", "sit_digits", "diffusers_digits"])
 def pipeline_run(request, tmp_path_factory):
-    """The DiT default, and the SiT default (experiment=sit_digits: SiT with flow matching), shrunk to seconds."""
+    """The DiT default, the SiT default (SiT with flow matching) and a diffusers DiT, shrunk to seconds."""
     run_dir, cache_dir = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("cache")
     experiment = [] if request.param == "dit_digits" else [f"experiment={request.param}"]
     cfg = compose_run(run_dir, cache_dir, "stage=pipeline", *experiment, *SHRUNKEN)
@@ -30,10 +30,12 @@ def pipeline_run(request, tmp_path_factory):
 
 def test_pipeline_writes_every_file_of_the_report(pipeline_run):
     _, run_dir = pipeline_run
-    for relative in ["report.md", "metrics.json", "pretrain/model.pt", "prune/pruned.pt", "prune/decision.json",
+    for relative in ["report.md", "metrics.json", "pretrain/model.pt", "prune/decision.json",
                      "prune/decision_dynamics.png", "recover/model.pt", "evaluate/samples_teacher.png",
                      "evaluate/samples_pruned.png", "evaluate/metrics.json"]:
         assert (run_dir / relative).is_file(), relative
+    checkpoint = json.loads((run_dir / "prune" / "decision.json").read_text())["checkpoint"]
+    assert (run_dir / "prune" / checkpoint).exists()  # pruned.pt, or a save_pretrained folder for diffusers
     report = (run_dir / "report.md").read_text()
     for image in ["evaluate/samples_teacher.png", "evaluate/samples_pruned.png", "prune/decision_dynamics.png"]:
         assert f"]({image})" in report
@@ -96,14 +98,19 @@ def test_each_family_trains_samples_and_exports_with_its_own_objective(pipeline_
     _, run_dir = pipeline_run
     evaluation = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
     decision = json.loads((run_dir / "prune" / "decision.json").read_text())
-    assert decision["blocks"] == "blocks" and decision["num_blocks"] == 4
-    is_sit = "SiT-Tiny/2" in (run_dir / "report.md").read_text()
-    if is_sit:  # flow matching: Heun on the ODE, no x0 clipping option; the export is a SiT
+    assert decision["num_blocks"] == 4 and len(decision["kept_blocks"]) == 2
+    report = (run_dir / "report.md").read_text()
+    if "SiT-Tiny/2" in report:  # flow matching: Heun on the ODE, no x0 clipping option; the export is a SiT
         assert evaluation["settings"]["method"] == "heun" and "clip_denoised" not in evaluation["settings"]
         shallow = sit_from_checkpoint(run_dir / "prune" / "pruned.pt")
+        assert type(shallow) is SiT and shallow.depth == 2
+    elif "DiffusersDiT" in report:  # diffusers' own format: a save_pretrained folder with the new depth
+        assert decision["checkpoint"] == "pruned" and decision["blocks"] == "model.transformer_blocks"
+        config = json.loads((run_dir / "prune" / "pruned" / "config.json").read_text())
+        assert config["_class_name"] == "DiTTransformer2DModel" and config["num_layers"] == 2
     else:  # Gaussian diffusion: DDIM with pixel clipping; the export is a DiT
         assert evaluation["settings"]["method"] == "ddim" and evaluation["settings"]["clip_denoised"] is True
         shallow = dit_from_checkpoint(run_dir / "prune" / "pruned.pt")
-    assert type(shallow) is (SiT if is_sit else DiT) and shallow.depth == len(decision["kept_blocks"]) == 2
+        assert type(shallow) is DiT and shallow.depth == 2 and decision["blocks"] == "blocks"
     recovered = json.loads((run_dir / "recover" / "metrics.json").read_text())
     assert recovered["distill"] == "masked_kd" and recovered["feature_pairs"]

@@ -10,7 +10,7 @@ from tests.test_configs import CONF
 from tinyfusion_pl.models import build_dit
 from tinyfusion_pl.stages import run_stage
 
-TINY = ["+model.depth=4", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "logger=none",
+TINY = ["++model.depth=4", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "logger=none",
         "callbacks=none", "sampling.samples_per_class=0"]
 
 
