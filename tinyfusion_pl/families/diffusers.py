@@ -11,8 +11,6 @@ and the saved format is diffusers' own, a save_pretrained folder.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from tinyfusion_pl.families.base import BlockStreams, ModelFamily
+from tinyfusion_pl.io import atomic_folder
 from tinyfusion_pl.models.checkpoints import load_dit_state_dict
 from tinyfusion_pl.models.diffusers import (
     DiffusersDiT,
@@ -38,20 +37,9 @@ JOINT_STREAMS = BlockStreams(inputs=("hidden_states", "encoder_hidden_states"),
 
 def save_pretrained_folder(model: nn.Module, path: str | os.PathLike) -> Path:
     """`model.save_pretrained` into a folder beside `path`, then moved onto `path`: never a half-written folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
+    with atomic_folder(path) as temporary:
         model.save_pretrained(temporary)
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        os.replace(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    return path
+    return Path(path)
 
 
 def is_folder(checkpoint: str | os.PathLike | Mapping[str, Any]) -> bool:
