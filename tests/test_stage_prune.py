@@ -75,3 +75,11 @@ def test_prune_without_teacher_for_a_real_model_names_the_fix(tmp_path):
     cfg = compose_run(tmp_path, tmp_path, "stage=prune", "model=dit_xl_2", "data=latents", "data.root=/nonexistent")
     with pytest.raises(ValueError, match="pass teacher.checkpoint=/path/to/model.pt"):
         run_stage(cfg)
+
+
+def test_a_keep_ratio_beside_a_pattern_is_refused_before_the_teacher_is_trained(tmp_path):
+    cfg = compose_run(tmp_path / "run", tmp_path / "cache", "stage=prune", "pruning=learnable_2_4",
+                      "pruning.keep_ratio=0.25")
+    with pytest.raises(ValueError, match=r"pattern='2:4' and keep_ratio=0.25.*were both given"):
+        run_stage(cfg)
+    assert not (tmp_path / "run" / "pretrain").exists() and not (tmp_path / "cache" / "teachers").exists()

@@ -30,27 +30,34 @@ from tinyfusion_pl.stages.common import (
     build_trainer,
     finish_loggers,
     load_teacher,
+    model_family,
     resolve_teacher_checkpoint,
     stage_dir,
 )
 
 
-def learnable_selection(cfg: DictConfig, net: nn.Module, datamodule: L.LightningDataModule, folder: Path) -> dict[str, Any]:
-    """TinyFusion: learn the kept blocks with Gumbel gates while a weight update estimates recoverability."""
-    pruning, blocks = cfg.pruning, family_of(net).block_argument(prefix="net.")
-    module = DiffusionModule(net, objective=instantiate(cfg.objective), lr=pruning.lr, ema_decay=None)
+def learnable_callbacks(cfg: DictConfig, blocks: str | list[str]) -> tuple[DifferentiableBlockMask, CoOptimizedWeightUpdate]:
+    """The mask and the weight update of the `pruning` group, built (and so checked) before any model is loaded."""
+    pruning = cfg.pruning
     pattern = OmegaConf.to_object(pruning.pattern) if OmegaConf.is_config(pruning.pattern) else pruning.pattern
     mask = DifferentiableBlockMask(
-        blocks=blocks, pattern=pattern,
-        keep_ratio=None if pruning.pattern else pruning.keep_ratio,
-        group_size=None if pruning.pattern else pruning.group_size,
+        blocks=blocks, pattern=pattern, keep_ratio=pruning.keep_ratio, group_size=pruning.group_size,
         scaling=pruning.scaling, tau=tuple(pruning.tau), lr_multiplier=pruning.gate_lr_multiplier,
         ema_decay=pruning.gate_ema_decay, plot=False,
         log_every_n_steps=max(1, pruning.max_steps // 100),  # about 100 points on the dynamics figure
     )
-    weight_update = CoOptimizedWeightUpdate(method=pruning.weight_update, rank=pruning.rank, alpha=pruning.alpha,
-                                            blocks=blocks)
-    trainer = build_trainer(cfg, "prune", max_steps=pruning.max_steps, callbacks=[mask, weight_update])
+    weight_update = CoOptimizedWeightUpdate(method=pruning.weight_update, rank=pruning.rank, alpha=pruning.alpha)
+    return mask, weight_update
+
+
+def learnable_selection(
+    cfg: DictConfig, net: nn.Module, datamodule: L.LightningDataModule, folder: Path,
+    callbacks: tuple[DifferentiableBlockMask, CoOptimizedWeightUpdate],
+) -> dict[str, Any]:
+    """TinyFusion: learn the kept blocks with Gumbel gates while a weight update estimates recoverability."""
+    mask, weight_update = callbacks
+    module = DiffusionModule(net, objective=instantiate(cfg.objective), lr=cfg.pruning.lr, ema_decay=None)
+    trainer = build_trainer(cfg, "prune", max_steps=cfg.pruning.max_steps, callbacks=[mask, weight_update])
     trainer.fit(module, datamodule=datamodule)
     log_images(trainer.loggers, {"prune/decision_dynamics": mask.plot_dynamics(folder / "decision_dynamics.png")})
     finish_loggers(trainer.loggers, folder)
@@ -90,6 +97,14 @@ def baseline_selection(cfg: DictConfig, net: nn.Module, objective: Any, batches:
 def run_prune(cfg: DictConfig) -> dict[str, Any]:
     """Select the kept blocks of the teacher, export the shallow model; writes pruned.pt (in the family's own
     format) and decision.json."""
+    if cfg.pruning.selector not in ("learnable", *BASELINE_SELECTORS):
+        raise ValueError(
+            f"pruning.selector='{cfg.pruning.selector}' is not one of {['learnable', *BASELINE_SELECTORS]}. "
+            "Pick it with the pruning group, e.g. pruning=bi_score."
+        )
+    callbacks = None
+    if cfg.pruning.selector == "learnable":  # a bad pruning setting stops the run before the teacher is trained
+        callbacks = learnable_callbacks(cfg, model_family(cfg).block_argument(prefix="net."))
     folder = stage_dir(cfg, "prune")
     teacher_path = resolve_teacher_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -98,15 +113,10 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     objective = instantiate(cfg.objective)
     batches = calibration_batches(datamodule, cfg.pruning.calibration_batches, seed=cfg.seed)
-    if cfg.pruning.selector == "learnable":
-        decision = learnable_selection(cfg, net, datamodule, folder)
-    elif cfg.pruning.selector in BASELINE_SELECTORS:
-        decision = baseline_selection(cfg, net, objective, batches)
+    if callbacks is not None:
+        decision = learnable_selection(cfg, net, datamodule, folder, callbacks)
     else:
-        raise ValueError(
-            f"pruning.selector='{cfg.pruning.selector}' is not one of {['learnable', *BASELINE_SELECTORS]}. "
-            "Pick it with the pruning group, e.g. pruning=bi_score."
-        )
+        decision = baseline_selection(cfg, net, objective, batches)
     shallow = prune_blocks(net, blocks=family.block_argument(), keep=decision["kept_blocks"])
     decision.update(
         selector=cfg.pruning.selector,
