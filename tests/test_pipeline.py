@@ -114,3 +114,21 @@ def test_each_family_trains_samples_and_exports_with_its_own_objective(pipeline_
         assert type(shallow) is DiT and shallow.depth == 2 and decision["blocks"] == "blocks"
     recovered = json.loads((run_dir / "recover" / "metrics.json").read_text())
     assert recovered["distill"] == "masked_kd" and recovered["feature_pairs"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["evaluate.fid=inception"], "evaluate.fid=inception needs real images"),
+    (["+sampling.eta=0.5", "experiment=sit_digits"], "FlowMatching has no sampler option 'eta'"),
+])
+def test_a_setting_that_cannot_work_stops_the_pipeline_before_anything_is_trained(overrides, message, tmp_path):
+    cfg = compose_run(tmp_path / "run", tmp_path / "cache", "stage=pipeline", *overrides)
+    with pytest.raises(ValueError, match=message):
+        run_stage(cfg)
+    assert not (tmp_path / "run" / "pretrain").exists() and not (tmp_path / "cache" / "teachers").exists()
+
+
+def test_a_pretraining_that_trains_nothing_is_an_error_and_not_cached(tmp_path):
+    cfg = compose_run(tmp_path / "run", tmp_path / "cache", "stage=pretrain", "data.batch_size=4096")
+    with pytest.raises(ValueError, match=r"trained 0 of pretrain.max_steps=\d+ steps.*Lower data.batch_size"):
+        run_stage(cfg)
+    assert not (tmp_path / "cache" / "teachers").exists() and not (tmp_path / "run" / "pretrain" / "model.pt").exists()

@@ -201,6 +201,12 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg, cfg.pretrain)
     trainer = build_trainer(cfg, "pretrain", max_steps=cfg.pretrain.max_steps)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.pretrain.resume_from)
+    if trainer.global_step == 0:  # an untrained teacher must never reach the cache that later runs reuse
+        raise ValueError(
+            f"stage=pretrain trained 0 of pretrain.max_steps={cfg.pretrain.max_steps} steps: the training data gave "
+            f"no full batch (data.batch_size={cfg.data.batch_size} is larger than the training split?). Lower "
+            "data.batch_size; nothing was saved or cached."
+        )
     payload = checkpoint_payload(module, cfg)
     checkpoint = save_torch(payload, folder / "model.pt")
     save_torch(payload, cached_teacher_path(cfg))

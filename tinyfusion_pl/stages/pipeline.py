@@ -19,7 +19,7 @@ from tinyfusion_pl.stages.common import (
     resolve_teacher_checkpoint,
     stage_dir,
 )
-from tinyfusion_pl.stages.evaluate import run_evaluate
+from tinyfusion_pl.stages.evaluate import check_settings, run_evaluate
 from tinyfusion_pl.stages.prune import run_prune
 from tinyfusion_pl.stages.recover import run_recover
 
@@ -80,6 +80,7 @@ def report_markdown(cfg: DictConfig, metrics: dict[str, Any], seconds: dict[str,
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     """Run every stage on the configured model and data; write report.md and metrics.json in the run folder."""
+    check_settings(cfg)  # a bad evaluate or sampling setting stops the run before anything is trained
     run_dir = Path(cfg.paths.run_dir)
     seconds: dict[str, float] = {}
     for stage, run in (("teacher", resolve_teacher_checkpoint), ("prune", run_prune), ("recover", run_recover),
