@@ -1,6 +1,7 @@
 """stage=prune with the baseline selectors and stage=recover on the embedded default (depth reduced, few steps)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,20 @@ def test_recover_refusals_name_the_setting_to_fix(oracle_run, cache_dir, tmp_pat
                                          f"recover.pruned={oracle_run / 'prune'}"))
     with pytest.raises(ValueError, match=r"distill.method='logits' is not one of \('none', 'kd', 'masked_kd'\)"):
         run_stage(bogus)
+
+
+def test_a_corrupt_decision_is_refused_naming_the_file(oracle_run, cache_dir, tmp_path):
+    folder = tmp_path / "prune"
+    shutil.copytree(oracle_run / "prune", folder)
+    (folder / "decision.json").write_text('{"kept_blocks": [0, ')  # a write cut short
+    cfg = compose_train(tiny_overrides(tmp_path / "run", cache_dir, "stage=recover", f"recover.pruned={folder}"))
+    with pytest.raises(ValueError, match=r"decision.json cannot be read .*Run stage=prune again"):
+        run_stage(cfg)
+    assert not (tmp_path / "run" / "recover" / "model.pt").exists()
+
+
+def test_a_scalar_tau_is_a_constant_temperature(tmp_path):
+    from tinyfusion_pl.stages.prune import learnable_callbacks
+
+    mask, _ = learnable_callbacks(compose_train(tiny_overrides(tmp_path, tmp_path, "pruning.tau=0.5")), "net.blocks")
+    assert mask.current_tau == 0.5

@@ -266,9 +266,21 @@ def judge_samples(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor) -
     return {"conditional_accuracy": conditional_accuracy(classifier, images, labels)}
 
 
+def read_decision(prune_folder: Path) -> dict[str, Any]:
+    """decision.json of a prune folder, or an error naming the file and how to make it again."""
+    path = prune_folder / "decision.json"
+    try:
+        decision = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} cannot be read ({error}). Run stage=prune again to rewrite it, or point "
+                         "recover.pruned / evaluate.pruned_checkpoint at another prune folder.") from error
+    if not isinstance(decision, dict) or "kept_blocks" not in decision:
+        raise ValueError(f"{path} is not a pruning decision (no kept_blocks). Run stage=prune again to rewrite it.")
+    return decision
+
+
 def pruned_checkpoint_name(prune_folder: Path) -> str:
     """The name of the pruned model in a prune folder: what decision.json records (pruned.pt by default)."""
-    decision = prune_folder / "decision.json"
-    if decision.is_file():
-        return json.loads(decision.read_text()).get("checkpoint", "pruned.pt")
+    if (prune_folder / "decision.json").is_file():
+        return read_decision(prune_folder).get("checkpoint", "pruned.pt")
     return "pruned.pt"

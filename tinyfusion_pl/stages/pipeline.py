@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from tinyfusion_pl.stages.common import (
     finish_loggers,
     model_title,
     pruned_checkpoint_name,
+    read_decision,
     resolve_teacher_checkpoint,
     stage_dir,
 )
@@ -88,7 +88,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         start = time.perf_counter()
         result = run(cfg)
         seconds[stage] = time.perf_counter() - start
-    decision = json.loads((run_dir / "prune" / "decision.json").read_text())
+    decision = read_decision(run_dir / "prune")
     metrics = summary_metrics(result, decision)
     save_json(metrics, run_dir / "metrics.json")
     save_text(report_markdown(cfg, metrics, seconds), run_dir / "report.md")

@@ -39,10 +39,11 @@ from tinyfusion_pl.stages.common import (
 def learnable_callbacks(cfg: DictConfig, blocks: str | list[str]) -> tuple[DifferentiableBlockMask, CoOptimizedWeightUpdate]:
     """The mask and the weight update of the `pruning` group, built (and so checked) before any model is loaded."""
     pruning = cfg.pruning
-    pattern = OmegaConf.to_object(pruning.pattern) if OmegaConf.is_config(pruning.pattern) else pruning.pattern
+    pattern, tau = (OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+                    for value in (pruning.pattern, pruning.tau))
     mask = DifferentiableBlockMask(
         blocks=blocks, pattern=pattern, keep_ratio=pruning.keep_ratio, group_size=pruning.group_size,
-        scaling=pruning.scaling, tau=tuple(pruning.tau), lr_multiplier=pruning.gate_lr_multiplier,
+        scaling=pruning.scaling, tau=tuple(tau) if isinstance(tau, list) else tau, lr_multiplier=pruning.gate_lr_multiplier,
         ema_decay=pruning.gate_ema_decay, plot=False,
         log_every_n_steps=max(1, pruning.max_steps // 100),  # about 100 points on the dynamics figure
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from tinyfusion_pl.stages.common import (
     load_model,
     model_title,
     pruned_checkpoint_name,
+    read_decision,
     sample_grid,
     stage_dir,
 )
@@ -90,7 +90,7 @@ def run_recover(cfg: DictConfig) -> dict[str, Any]:
     folder = stage_dir(cfg, "recover")
     source = pruned_folder(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    decision = json.loads((source / "decision.json").read_text())
+    decision = read_decision(source)
     student = load_model(cfg, source / pruned_checkpoint_name(source))
     datamodule = instantiate(cfg.data)
     objective = instantiate(cfg.objective)
