@@ -107,13 +107,26 @@ class DiffusionObjective(abc.ABC):
                      and parameters[name].kind is not inspect.Parameter.VAR_KEYWORD)
 
     def check_sampler_options(self, options: dict[str, Any]) -> None:
-        """Refuse options this objective's sampler does not have, naming the ones it has."""
+        """Refuse options this objective's sampler does not have (naming the ones it has) or values it cannot take.
+
+        Callers run this before anything slow, so a sampler setting that cannot work stops a run at its start.
+        """
         unknown = sorted(set(options) - set(self.sampler_option_names()))
         if unknown:
             raise ValueError(
                 f"{type(self).__name__} has no sampler option {', '.join(map(repr, unknown))}; its options are "
                 f"{list(self.sampler_option_names())}. Remove the option or set it to null (sampling.<name>=null)."
             )
+        parameters = inspect.signature(self.sample).parameters
+        defaults = {name: parameters[name].default for name in self.sampler_option_names()}
+        self.check_sampler_values({**defaults, **options})
+
+    def check_sampler_values(self, options: dict[str, Any]) -> None:
+        """Raise on a sampler option value that cannot work; `options` holds every option (defaults filled in).
+
+        The default checks nothing beforehand: `sample` then refuses a bad value when it is called.
+        """
+        return None
 
 
 def classifier_free_guidance(

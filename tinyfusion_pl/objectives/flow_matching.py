@@ -162,6 +162,12 @@ class FlowMatching(DiffusionObjective):
         diffusion = diffusion_norm * (sigma if diffusion_form == "sigma" else torch.ones_like(sigma))
         return velocity + diffusion * self.score_from_velocity(velocity, x, t), diffusion
 
+    def check_sampler_values(self, options: dict[str, Any]) -> None:
+        """Refuse sampler option values that `sample` cannot take (the same checks, run before anything slow)."""
+        _validate_sampler_arguments(options["steps"], options["method"], options["last_step_size"],
+                                    options["diffusion_form"], options["diffusion_norm"], options["atol"],
+                                    options["rtol"])
+
     def sample(
         self,
         model: Denoiser,
@@ -190,7 +196,9 @@ class FlowMatching(DiffusionObjective):
         sigma_t by default (SiT's sample.py), or diffusion_norm with diffusion_form="constant".
         The progress bar counts model calls.
         """
-        _validate_sampler_arguments(steps, method, last_step_size, diffusion_form, diffusion_norm, atol, rtol)
+        self.check_sampler_values({"steps": steps, "method": method, "last_step_size": last_step_size,
+                                   "diffusion_form": diffusion_form, "diffusion_norm": diffusion_norm,
+                                   "atol": atol, "rtol": rtol})
         odeint = _import_odeint() if method == "dopri5" else None
         model_kwargs = model_kwargs or {}
         x = noise.to(_compute_dtype(noise))

@@ -444,6 +444,21 @@ class GaussianDiffusion(DiffusionObjective):
         nonzero = (t != 0).to(noise.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
         return mean + nonzero * sigma * noise
 
+    def check_sampler_values(self, options: dict[str, Any]) -> None:
+        """Refuse a method, eta or steps that `sample` cannot take (steps through the respacing it would build)."""
+        method, eta, steps = options["method"], options["eta"], options["steps"]
+        if method not in SAMPLING_METHODS:
+            raise ValueError(f"method={method!r} is invalid: expected one of {SAMPLING_METHODS}.")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta={eta!r} is invalid: expected a number in [0, 1] (0 = deterministic DDIM).")
+        if method == "ddpm" and eta != 0:
+            raise ValueError(
+                f"eta={eta!r} is only used by method='ddim'; DDPM samples with the model's variance. "
+                "Use eta=0.0 with method='ddpm', or method='ddim'."
+            )
+        if steps is not None:
+            self.respaced(steps, method)  # cached: sampling reuses it
+
     def sample(
         self,
         model: Denoiser,
@@ -463,15 +478,7 @@ class GaussianDiffusion(DiffusionObjective):
         variance) or "ddim" (eta sets the noise: 0 deterministic, 1 DDPM-like). clip_denoised clamps the
         predicted x_0 to [-1, 1] (off for latents, as in DiT).
         """
-        if method not in SAMPLING_METHODS:
-            raise ValueError(f"method={method!r} is invalid: expected one of {SAMPLING_METHODS}.")
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta={eta!r} is invalid: expected a number in [0, 1] (0 = deterministic DDIM).")
-        if method == "ddpm" and eta != 0:
-            raise ValueError(
-                f"eta={eta!r} is only used by method='ddim'; DDPM samples with the model's variance. "
-                "Use eta=0.0 with method='ddpm', or method='ddim'."
-            )
+        self.check_sampler_values({"steps": steps, "method": method, "eta": eta, "clip_denoised": clip_denoised})
         process = self if steps is None else self.respaced(steps, method)
         model_kwargs = model_kwargs or {}
         x = noise.to(_compute_dtype(noise))
