@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import quick_trainer, tiny_dit
+from tests.test_block_mask import ResidualBlock  # block(x, c), one hidden state
 from tinyfusion_pl import families
 from tinyfusion_pl.callbacks.block_mask import DifferentiableBlockMask
 from tinyfusion_pl.callbacks.weight_update import CoOptimizedWeightUpdate
@@ -38,19 +39,6 @@ IN_ORDER = BlockStreams(inputs=("hidden_states", "encoder_hidden_states"), outpu
 
 
 # ---------------------------------------------------------------------------- toy models
-
-
-class ResidualBlock(nn.Module):
-    """A conditioned residual MLP with one hidden state: block(x, c)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(DIM, 2 * DIM)
-        self.cond = nn.Linear(DIM, 2 * DIM)
-        self.fc2 = nn.Linear(2 * DIM, DIM)
-
-    def forward(self, x, c):
-        return x + self.fc2(torch.tanh(self.fc1(x) + self.cond(c)[:, None]))  # (B, T, D)
 
 
 class JointBlock(nn.Module):
