@@ -46,12 +46,25 @@ def is_folder(checkpoint: str | os.PathLike | Mapping[str, Any]) -> bool:
     return isinstance(checkpoint, (str, os.PathLike)) and Path(checkpoint).is_dir()
 
 
+class SavedAsFolder(ModelFamily):
+    """A family whose checkpoints are save_pretrained folders: config.json with the depth, and the weights.
+
+    An adapter's `save_pretrained` writes the diffusers model it holds, so both kinds of family save alike.
+    """
+
+    def checkpoint_name(self, stem: str) -> str:
+        return stem  # a folder
+
+    def save(self, net: nn.Module, path: str | os.PathLike) -> Path:
+        return save_pretrained_folder(net, path)
+
+
 #################################################################################
 #                       The diffusers classes themselves                         #
 #################################################################################
 
 
-class DiffusersTransformerFamily(ModelFamily):
+class DiffusersTransformerFamily(SavedAsFolder):
     """A diffusers transformer class: its blocks, their streams, its depth in the config, save_pretrained folders.
 
     It is called the diffusers way (`model(hidden_states=..., timestep=..., ...).sample`), not `net(x, t, **c)`:
@@ -104,13 +117,6 @@ class DiffusersTransformerFamily(ModelFamily):
         raise self._called_the_diffusers_way()
 
     # ---------------------------------------------------------------- saving and loading
-    def checkpoint_name(self, stem: str) -> str:
-        return stem  # a save_pretrained folder
-
-    def save(self, net: nn.Module, path: str | os.PathLike) -> Path:
-        """Write the model as a save_pretrained folder at `path` (config.json with its depth, and its weights)."""
-        return save_pretrained_folder(net, path)
-
     def load(self, checkpoint: str | os.PathLike | Mapping[str, Any], like: nn.Module, prefer: str = "ema") -> nn.Module:
         """A save_pretrained folder through from_pretrained (strictly), else any state-dict layout like the base."""
         if is_folder(checkpoint):
@@ -197,7 +203,7 @@ class FluxTransformerFamily(DiffusersTransformerFamily):
 #################################################################################
 
 
-class DiffusersDenoiserFamily(ModelFamily):
+class DiffusersDenoiserFamily(SavedAsFolder):
     """A DiffusersDenoiser: its diffusers model's family with every path under `model.`, called the project's way."""
 
     transformer: ClassVar[DiffusersTransformerFamily]
@@ -227,13 +233,6 @@ class DiffusersDenoiserFamily(ModelFamily):
         self.transformer.after_depth_change(net.model, block_counts)
 
     # ---------------------------------------------------------------- saving and loading
-    def checkpoint_name(self, stem: str) -> str:
-        return stem  # a save_pretrained folder
-
-    def save(self, net: nn.Module, path: str | os.PathLike) -> Path:
-        """Write the diffusers model (not the adapter) as a save_pretrained folder at `path`."""
-        return save_pretrained_folder(net, path)
-
     def load(self, checkpoint: str | os.PathLike | Mapping[str, Any], like: nn.Module, prefer: str = "ema") -> nn.Module:
         """A save_pretrained folder adapted like `like`, or a state dict of the adapter (our stages' {'model', 'ema'})."""
         if is_folder(checkpoint):

@@ -47,7 +47,6 @@ MODELS = ("teacher", "pruned")
 FID_MODES = ("auto", "digits", "inception", "none")
 DEVICES = ("auto", "cpu", "cuda")
 # Where the run folder's stages leave the pruned model, best first: recovered, then freshly pruned.
-PRUNED_OUTPUTS = ("recover/model.pt", "prune/pruned.pt")  # prune/: the name decision.json records
 GRID_COLUMNS = 10
 
 
@@ -73,11 +72,13 @@ def pruned_checkpoint(cfg: DictConfig) -> Path:
                                     "or recovered checkpoint (prune/pruned.pt or recover/model.pt of a run).")
         return path
     run_dir = Path(cfg.paths.run_dir)
-    for path in (run_dir / "recover" / "model.pt", run_dir / "prune" / pruned_checkpoint_name(run_dir / "prune")):
-        if path.exists():
-            return path
+    # Best first: recovered, then freshly pruned (under the name decision.json records, pruned.pt by default).
+    outputs = ["recover/model.pt", f"prune/{pruned_checkpoint_name(run_dir / 'prune')}"]
+    for relative in outputs:
+        if (run_dir / relative).exists():
+            return run_dir / relative
     raise FileNotFoundError(
-        f"evaluate.models includes 'pruned' but the run folder {run_dir} holds neither {' nor '.join(PRUNED_OUTPUTS)}. "
+        f"evaluate.models includes 'pruned' but the run folder {run_dir} holds neither {' nor '.join(outputs)}. "
         "Run stage=prune (and stage=recover) with this paths.run_dir first, pass "
         "evaluate.pruned_checkpoint=/path/to/model.pt, or evaluate only the teacher: evaluate.models=[teacher]."
     )
