@@ -126,9 +126,7 @@ class DistillationModule(DiffusionModule):
         if blocks is None and self.family is None:
             raise ValueError(f"no model family describes {type(net).__name__}: pass blocks='<path of its block list>'.")
         # Resolved on use, not stored: a stored ModuleList would become a submodule and duplicate the weights.
-        if blocks is None:
-            blocks = self.family.blocks[0] if len(self.family.blocks) == 1 else list(self.family.blocks)
-        self.blocks_path = blocks
+        self.blocks_path = self.family.block_argument() if blocks is None else blocks
         self.streams = streams
         self.feature_pairs: list[Pair] = []
         if feature_pairs is not None:
