@@ -20,7 +20,9 @@ Gaussian diffusion. The pieces, under the reference names and meanings:
 - `forward_mae_encoder(tokens, mask, class_embedding)`, `forward_mae_decoder(x, mask)`, and
   `forward_mae(tokens, mask, class_embedding)` (both): z (N, L, decoder_embed_dim), with
   `diffusion_pos_embed_learned` added. Every sample must mask the same number of tokens (as MAR's do).
-- `forward(x, mask, labels, force_drop_ids=None)`: latents (N, C, H, W) -> z; the transformer part in one call.
+- `forward(x, t, y, force_drop_ids=None, mask=None)`: MAR as a denoiser net(x_t, t, **condition), so generic code
+  (FLOP counts, timing) can call it: the transformer on x's visible tokens (all when mask is None), then the
+  head on every token of x at step t -> (N, 2C, H, W). The objective calls the pieces instead.
 - `diffloss.net(x, t, c)`: the head, token latents x (M, C * p * p), integer steps t (M,) and z rows c (M, D)
   -> (M, 2 * C * p * p): the eps prediction, then the learned-variance channels.
 - Attributes the objective reads: seq_len, token_embed_dim, num_classes (= class_num), label_drop_prob,
@@ -373,10 +375,10 @@ class MAR(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens (N, L, C * p * p) back to latents (N, C, H, W)."""
-        batch, p, channels = x.shape[0], self.patch_size, self.vae_embed_dim
-        x = x.reshape(batch, self.seq_h, self.seq_w, channels, p, p)  # (N, h, w, C, p, p)
-        x = torch.einsum("nhwcpq->nchpwq", x)  # (N, C, h, p, w, p)
-        return x.reshape(batch, channels, self.seq_h * p, self.seq_w * p)  # (N, C, H, W)
+        if x.shape[-1] != self.token_embed_dim:
+            raise ValueError(f"tokens have {x.shape[-1]} values each; this MAR's tokens have token_embed_dim="
+                             f"{self.token_embed_dim} (vae_embed_dim * patch_size^2).")
+        return self._unpatchify_channels(x)  # (N, C, H, W)
 
     # ---------------------------------------------------------------- orders and masks
     def sample_orders(self, bsz: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -432,63 +434,91 @@ class MAR(nn.Module):
                 x = block(x)  # (N, T, D)
         return x
 
-    def _mask_with_buffer(self, mask: torch.Tensor) -> torch.Tensor:
-        """The token mask (N, L) with the never-masked class buffer in front: (N, buffer + L)."""
+    def _visible(self, mask: torch.Tensor) -> torch.Tensor:
+        """Bool (N, B + L): the never-masked class buffer, then the tokens that mask (N, L) leaves visible."""
         if mask.ndim != 2 or mask.shape[1] != self.seq_len:
             raise ValueError(
                 f"mask has shape {tuple(mask.shape)}; expected (N, {self.seq_len}), one 0/1 flag per token "
                 "(1 = masked), e.g. from random_masking(tokens, sample_orders(N))."
             )
-        buffer = torch.zeros(mask.shape[0], self.buffer_size, device=mask.device, dtype=mask.dtype)
-        return torch.cat([buffer, mask], dim=1)  # (N, B + L)
+        buffer = torch.ones(mask.shape[0], self.buffer_size, device=mask.device, dtype=torch.bool)
+        visible = torch.cat([buffer, mask == 0], dim=1)  # (N, B + L)
+        counts = visible.sum(dim=1)
+        if bool((counts != counts[0]).any()):
+            raise ValueError(
+                f"the mask masks {sorted(set((self.seq_len + self.buffer_size - counts).tolist()))} tokens in "
+                "different samples; MAR's encoder needs the same number of masked tokens in every sample of a batch "
+                "(as random_masking and MAR's sampler give)."
+            )
+        return visible
 
     def forward_mae_encoder(
-        self, x: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor
+        self, x: torch.Tensor, mask: torch.Tensor | None, class_embedding: torch.Tensor
     ) -> torch.Tensor:
-        """Encode the class buffer and the visible tokens: tokens (N, L, C_tok) -> (N, B + visible, D_enc)."""
+        """Encode the class buffer and the visible tokens: tokens (N, L, C_tok) -> (N, B + visible, D_enc).
+
+        mask (N, L): 1 (or True) = masked; None = nothing masked. Every sample must mask as many tokens.
+        """
         x = self.z_proj(x)  # (N, L, D)
         batch, _, width = x.shape
         buffer = class_embedding.to(x.dtype).unsqueeze(1).expand(batch, self.buffer_size, width)  # (N, B, D)
         x = torch.cat([buffer, x], dim=1) + self.encoder_pos_embed_learned  # (N, B + L, D)
         x = self.z_proj_ln(x)
-        visible = self._mask_with_buffer(mask) == 0  # (N, B + L)
-        counts = visible.sum(dim=1)
-        if bool((counts != counts[0]).any()):
-            raise ValueError(
-                f"the mask leaves {sorted(set(counts.tolist()))} tokens visible across the batch; MAR's encoder "
-                "needs the same number of masked tokens in every sample (as random_masking and the sampler give)."
-            )
-        x = x[visible].reshape(batch, -1, width)  # (N, B + visible, D)
+        if mask is not None:
+            visible = self._visible(mask)  # (N, B + L)
+            x = x[visible].reshape(batch, -1, width)  # (N, B + visible, D)
         x = self._run_blocks(self.encoder_blocks, x)
         return self.encoder_norm(x)  # (N, B + visible, D)
 
-    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Decode with mask tokens at the masked positions: (N, B + visible, D_enc) -> z (N, L, D_dec)."""
         x = self.decoder_embed(x)  # (N, B + visible, D)
-        visible = self._mask_with_buffer(mask) == 0  # (N, B + L)
-        padded = self.mask_token.to(x.dtype).expand(*visible.shape, x.shape[-1]).clone()  # (N, B + L, D)
-        padded[visible] = x.reshape(-1, x.shape[-1])
-        x = padded + self.decoder_pos_embed_learned  # (N, B + L, D)
+        if mask is not None:
+            visible = self._visible(mask)  # (N, B + L)
+            padded = self.mask_token.to(x.dtype).expand(*visible.shape, x.shape[-1]).clone()  # (N, B + L, D)
+            padded[visible] = x.reshape(-1, x.shape[-1])
+            x = padded
+        x = x + self.decoder_pos_embed_learned  # (N, B + L, D)
         x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)
         return x[:, self.buffer_size :] + self.diffusion_pos_embed_learned  # (N, L, D)
 
-    def forward_mae(self, x: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
+    def forward_mae(
+        self, x: torch.Tensor, mask: torch.Tensor | None, class_embedding: torch.Tensor
+    ) -> torch.Tensor:
         """z (N, L, D_dec) that conditions the head, for tokens (N, L, C_tok), mask (N, L) and class tokens (N, D)."""
         return self.forward_mae_decoder(self.forward_mae_encoder(x, mask, class_embedding), mask)
 
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor,
-        labels: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
         force_drop_ids: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """z (N, L, D_dec) for latents x (N, C, H, W), token mask (N, L) (1 = masked) and labels (N,).
+        """The head's output (N, 2C, H, W) for every token of x (N, C, H, W) at head steps t (N,), labels y (N,).
 
-        Masked tokens' values are never read. Label drops work as in class_embedding.
+        The transformer sees x's tokens where mask (N, L) is 0 (all of them when mask is None) and the head
+        denoises every token of x at its sample's step t, conditioned on z: with clean tokens at the visible
+        positions and noisy ones at the masked positions this is MAR's prediction for the masked tokens.
+        It makes MAR callable as net(x_t, t, **condition) (FLOP counts, timing); MAR's objective calls the
+        pieces instead. Label drops work as in class_embedding.
         """
-        return self.forward_mae(self.patchify(x), mask, self.class_embedding(labels, force_drop_ids))
+        tokens = self.patchify(x)  # (N, L, C_tok)
+        z = self.forward_mae(tokens, mask, self.class_embedding(y, force_drop_ids))  # (N, L, D)
+        batch, length, channels = tokens.shape
+        steps = t.reshape(batch, 1).expand(batch, length).reshape(-1)  # (N * L,)
+        out = self.diffloss.net(tokens.reshape(-1, channels), steps, z.reshape(batch * length, -1))  # (N * L, 2C_tok)
+        return self._unpatchify_channels(out.reshape(batch, length, -1))  # (N, 2C, H, W)
+
+    def _unpatchify_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token values (N, L, K * p * p) as K-channel latents (N, K, H, W), K a multiple of vae_embed_dim."""
+        batch, p = x.shape[0], self.patch_size
+        channels = x.shape[-1] // (p * p)
+        x = x.reshape(batch, self.seq_h, self.seq_w, channels, p, p)  # (N, h, w, K, p, p)
+        x = torch.einsum("nhwcpq->nchpwq", x)  # (N, K, h, p, w, p)
+        return x.reshape(batch, channels, self.seq_h * p, self.seq_w * p)  # (N, K, H, W)
 
     def architecture(self) -> dict[str, Any]:
         """The constructor keywords that rebuild this model (norm_layer included)."""
@@ -633,12 +663,18 @@ def mar_checkpoint(net: MAR) -> dict[str, Any]:
     with another norm than LayerNorm(eps=1e-6) is refused, naming the fix.
     """
     config = net.architecture()
-    if config.pop("norm_layer") is not DEFAULT_NORM_LAYER:
+    if not _is_default_norm(config.pop("norm_layer")):
         raise ValueError(
             "this MAR was built with a custom norm_layer, which a checkpoint's config cannot record; save its "
             "state_dict() yourself and rebuild it with the same norm_layer, or use the default LayerNorm(eps=1e-6)."
         )
     return {CONFIG_KEY: config, "model": net.state_dict()}
+
+
+def _is_default_norm(norm_layer: Any) -> bool:
+    """Whether norm_layer builds LayerNorm(eps=1e-6) (a deep copy of the model copies the partial)."""
+    return (isinstance(norm_layer, functools.partial) and norm_layer.func is nn.LayerNorm and not norm_layer.args
+            and norm_layer.keywords == DEFAULT_NORM_LAYER.keywords)
 
 
 def read_mar_checkpoint(
