@@ -76,11 +76,11 @@ class DiffusionModule(L.LightningModule):
         return self.net(x, t, **cond)
 
     def diffusion_terms(self, batch: Any, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """The objective's per-sample loss terms on one batch, at random timesteps and noise."""
+        """The objective's per-sample loss terms on one batch, at random timesteps and noise (drawn from `generator`)."""
         x, cond = split_batch(batch)
         t = self.objective.sample_timesteps(x.shape[0], x.device, generator=generator)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        return self.objective.training_losses(self.net, x, t, noise=noise, model_kwargs=cond)
+        return self.objective.training_losses(self.net, x, t, noise=noise, model_kwargs=cond, generator=generator)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         terms = self.diffusion_terms(batch)

@@ -74,8 +74,10 @@ def build_recovery_module(
     if distill.method == "masked_kd":
         pairing = OmegaConf.to_object(distill.pairing) if OmegaConf.is_config(distill.pairing) else distill.pairing
         family = family_of(student)
-        feature_pairs = layer_pairing(pairing, sum(family.block_counts(student)), sum(family.block_counts(teacher)),
-                                      kept_blocks=decision["kept_blocks"], pruned_depth=decision.get("num_blocks"))
+        teacher_counts = family.block_counts(teacher)
+        feature_pairs = layer_pairing(pairing, sum(family.block_counts(student)), sum(teacher_counts),
+                                      kept_blocks=decision["kept_blocks"], pruned_depth=decision.get("num_blocks"),
+                                      container_lengths=teacher_counts)
     module = DistillationModule(
         student, teacher, objective=objective, kd_weight=distill.kd_weight, gt_weight=distill.gt_weight,
         feature_pairs=feature_pairs, feature_weight=tuple(distill.get("feature_weight", (0.0, 0.0))),
