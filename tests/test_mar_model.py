@@ -344,6 +344,12 @@ def test_random_masking_masks_the_first_ceil_of_each_order(ratio, expected):
     assert mask[0, :expected].eq(1).all() and mask[1, 16 - expected:].eq(1).all()  # the first entries of each order
 
 
+def test_mask_by_order_takes_one_count_or_one_per_sample():
+    orders = torch.tensor([[2, 0, 3, 1], [1, 3, 0, 2]])
+    assert mask_by_order(2, orders).tolist() == [[1, 0, 1, 0], [0, 1, 0, 1]]
+    assert mask_by_order(torch.tensor([1, 3]), orders).tolist() == [[0, 0, 1, 0], [1, 1, 0, 1]]
+
+
 def test_mask_ratios_follow_the_truncated_gaussian():
     model = build_mar("MAR-Tiny")
     generator = torch.Generator().manual_seed(0)

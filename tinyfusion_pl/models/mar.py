@@ -13,7 +13,8 @@ Gaussian diffusion. The pieces, under the reference names and meanings:
 - `sample_orders(bsz, generator)` random generation orders (N, L), one permutation of 0..L-1 per sample.
 - `sample_mask_ratio(generator)`: a ratio from the truncated Gaussian on [mask_ratio_min, 1] centred at 1,
   std 0.25; `random_masking(x, orders, mask_ratio=None, generator=None)` masks the first ceil(L * ratio)
-  tokens of each order (1 = masked, float (N, L)); `mask_by_order(num_masked, orders)` is that scatter.
+  tokens of each order (1 = masked, float (N, L)); `mask_by_order(num_masked, orders)` is that mask, for one
+  count or a count per sample.
 - `class_embedding(labels, force_drop_ids=None)` (N, D): class_emb, or the learned `fake_latent` where the
   label is the null label `class_num`, where force_drop_ids is 1, or at random with `label_drop_prob` in
   train mode when no force_drop_ids is given (the reference drops inside its encoder; the result is the same).
@@ -65,10 +66,14 @@ DEFAULT_NORM_LAYER = functools.partial(nn.LayerNorm, eps=1e-6)
 MASK_RATIO_STD = 0.25
 
 
-def mask_by_order(num_masked: int, orders: torch.Tensor) -> torch.Tensor:
-    """Float mask (N, L): 1 at the first `num_masked` positions of each sample's order (N, L), 0 elsewhere."""
-    mask = torch.zeros(orders.shape, device=orders.device)  # (N, L)
-    return mask.scatter(1, orders[:, :num_masked], 1.0)
+def mask_by_order(num_masked: int | torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    """Float mask (N, L): 1 at the first num_masked positions of each sample's order (N, L), 0 elsewhere.
+
+    num_masked is one count for every sample or one per sample (N,).
+    """
+    ranks = orders.argsort(dim=1)  # (N, L): each position's place in its sample's order
+    counts = torch.as_tensor(num_masked, device=orders.device).reshape(-1, 1)  # (N or 1, 1)
+    return (ranks < counts).float()  # (N, L)
 
 
 #################################################################################
@@ -233,7 +238,11 @@ class DiffLoss(nn.Module):
 
 
 class MAR(nn.Module):
-    """MAR's encoder, decoder and diffusion head; parameter and keyword names match LTH14/mar."""
+    """MAR's encoder, decoder and diffusion head; parameter and keyword names match LTH14/mar.
+
+    Defaults are the reference class's, except norm_layer: LayerNorm(eps=1e-6), what the reference's
+    factories pass for every released model (its class alone would default to eps 1e-5).
+    """
 
     def __init__(
         self,
