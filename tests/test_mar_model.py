@@ -95,11 +95,17 @@ def test_every_size_loads_a_state_dict_of_the_reference_names_and_shapes_strictl
     assert set(model.state_dict()) == set(state_dict)
     load_mar_state_dict(model, state_dict)
     # the reference checkpoint-last.pth: {'model', 'model_ema', 'optimizer', 'epoch', 'scaler', 'args'}
+    args = argparse.Namespace(model="mar_large", img_size=256, vae_stride=16, patch_size=1, diffloss_d=8, blr=1e-4,
+                              num_sampling_steps="100", diffusion_batch_mul=4)
     wrapped = {"model": state_dict, "model_ema": meta_state_dict(public_shapes(name)), "optimizer": {},
-               "epoch": 799, "scaler": {}, "args": argparse.Namespace(model="mar_large")}
+               "epoch": 799, "scaler": {}, "args": args}
     ema, config = read_mar_checkpoint(wrapped)
-    assert config is None and ema["fake_latent"] is wrapped["model_ema"]["fake_latent"]
+    assert ema["fake_latent"] is wrapped["model_ema"]["fake_latent"]
     assert read_mar_checkpoint(wrapped, prefer="model")[0]["fake_latent"] is state_dict["fake_latent"]
+    with torch.device("meta"):
+        rebuilt = MAR(**config)
+    assert rebuilt.architecture() == model.architecture()
+    assert read_mar_checkpoint(state_dict) == (state_dict, None)  # a plain state dict records no config
 
 
 def test_a_checkpoint_of_another_size_is_refused_naming_the_size_it_holds():

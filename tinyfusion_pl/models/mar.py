@@ -40,6 +40,7 @@ These are the defaults of the small entries, with 10 classes and a buffer of 4 c
 
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 import os
@@ -660,6 +661,9 @@ def build_mar(name: str, **kwargs: Any) -> MAR:
 
 # Where our own MAR files keep the constructor keywords (norm_layer aside) beside the weights under 'model'.
 CONFIG_KEY = "mar_config"
+# Arguments of the reference's main_mar.py that a checkpoint's 'args' records and its shapes do not show.
+_REFERENCE_ARGUMENTS = ("img_size", "vae_stride", "patch_size", "mask_ratio_min", "label_drop_prob", "attn_dropout",
+                        "proj_dropout", "num_sampling_steps", "diffusion_batch_mul")
 _BLOCK_KEY = re.compile(r"(encoder_blocks|decoder_blocks|diffloss\.net\.res_blocks)\.(\d+)\.")
 _REQUIRED_MAR_KEYS = ("z_proj.weight", "decoder_embed.weight", "class_emb.weight", "encoder_pos_embed_learned",
                       "diffusion_pos_embed_learned", "diffloss.net.input_proj.weight")
@@ -689,15 +693,22 @@ def _is_default_norm(norm_layer: Any) -> bool:
 def read_mar_checkpoint(
     checkpoint: str | os.PathLike | Mapping[str, Any], prefer: str = "ema"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """(state dict, saved config or None) of a MAR checkpoint file or loaded object.
+    """(state dict, config or None) of a MAR checkpoint file or loaded object.
 
-    Layouts: our files (mar_checkpoint), the reference's checkpoint-last.pth ({'model', 'model_ema', ...}:
-    'model_ema' with prefer='ema'), and everything extract_state_dict reads (plain, Lightning, ...).
+    Layouts: our files (mar_checkpoint: their saved config), the reference's checkpoint-last.pth ({'model',
+    'model_ema', 'args', ...}: 'model_ema' with prefer='ema'; the config is the shapes' completed by the
+    training arguments it records, such as vae_stride and patch_size), and everything extract_state_dict
+    reads (plain, Lightning, ...: no config).
     """
     loaded = load_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     if isinstance(loaded, Mapping) and CONFIG_KEY in loaded:
         return extract_state_dict(loaded["model"], prefer=prefer), dict(loaded[CONFIG_KEY])
-    return extract_state_dict(loaded, prefer=prefer), None
+    state_dict = extract_state_dict(loaded, prefer=prefer)
+    args = loaded.get("args") if isinstance(loaded, Mapping) else None
+    if not isinstance(args, argparse.Namespace):
+        return state_dict, None
+    recorded = {key: value for key, value in vars(args).items() if key in _REFERENCE_ARGUMENTS}
+    return state_dict, {**infer_mar_config(state_dict), **recorded}
 
 
 def infer_mar_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
