@@ -80,9 +80,9 @@ def test_orders_are_seeded_permutations_and_masks_take_their_first_tokens():
     assert all(sorted(row.tolist()) == list(range(16)) for row in orders)
     assert torch.equal(orders, random_orders(5, 16, generator=torch.Generator().manual_seed(3)))
     assert not torch.equal(orders, random_orders(5, 16, generator=torch.Generator().manual_seed(4)))
-    mask = mask_by_order(torch.tensor([[2, 0, 1, 3], [3, 1, 0, 2]]), torch.tensor([2, 3]))
+    mask = mask_by_order(torch.tensor([2, 3]), torch.tensor([[2, 0, 1, 3], [3, 1, 0, 2]]))
     assert mask.tolist() == [[True, False, True, False], [True, True, False, True]]
-    assert mask_by_order(orders, 12).sum(dim=1).tolist() == [12] * 5
+    assert mask_by_order(12, orders).sum(dim=1).tolist() == [12] * 5
 
 
 # ---------------------------------------------------------------- generation schedule and guidance
@@ -140,7 +140,7 @@ def test_the_loss_covers_the_masked_tokens_only():
     terms = objective.training_losses(net, x, ratios, noise=planted, model_kwargs={"y": torch.tensor([0, 1, 2])},
                                       generator=torch.Generator().manual_seed(7))
     # the objective draws the orders first from its generator
-    mask = mask_by_order(random_orders(3, 16, generator=torch.Generator().manual_seed(7)), 12)
+    mask = mask_by_order(12, random_orders(3, 16, generator=torch.Generator().manual_seed(7)))
     expected = torch.stack([(torch.arange(16.0)[row] ** 2).mean() for row in mask])
     assert net.diffloss.net.seen == [3 * 12]
     assert torch.allclose(terms["mse"], expected)
@@ -181,7 +181,7 @@ def test_training_repeats_tokens_and_trains_every_part():
 def test_samples_with_different_masked_counts_are_encoded_in_groups():
     net = tiny_mar().eval()
     tokens, labels = torch.randn(4, 16, 4), torch.tensor([0, 1, 2, 3])
-    mask = mask_by_order(random_orders(4, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([12, 14, 12, 16]))
+    mask = mask_by_order(torch.tensor([12, 14, 12, 16]), random_orders(4, 16, generator=torch.Generator().manual_seed(0)))
     embedding = MaskedAutoregressive.class_embedding(net, labels, torch.zeros(4, dtype=torch.bool))
     grouped = MaskedAutoregressive.encode(net, tokens, mask, embedding)
     one_by_one = torch.cat([net.forward_mae(tokens[i:i + 1], mask[i:i + 1].float(), embedding[i:i + 1]) for i in range(4)])

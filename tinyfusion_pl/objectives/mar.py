@@ -77,8 +77,11 @@ def random_orders(
     return _draw_uniform((batch_size, seq_len), device, generator).argsort(dim=1)
 
 
-def mask_by_order(orders: torch.Tensor, num_masked: int | torch.Tensor) -> torch.Tensor:
-    """Bool mask (N, L), True where masked: the first num_masked[n] positions of each order (an int for all)."""
+def mask_by_order(num_masked: int | torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    """Bool mask (N, L), True where masked: the first num_masked[n] positions of each order (an int for all).
+
+    The reference's argument order (mask_by_order(mask_len, order, ...)).
+    """
     ranks = orders.argsort(dim=1)  # (N, L) position -> its place in the order
     counts = torch.as_tensor(num_masked, device=orders.device).reshape(-1, 1)  # (N or 1, 1)
     return ranks < counts
@@ -243,7 +246,7 @@ class MaskedAutoregressive(DiffusionObjective):
                              f"objective.sample_timesteps({batch_size}, device); got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}.")
         orders = random_orders(batch_size, seq_len, device, generator)
-        mask = mask_by_order(orders, masked_token_counts(seq_len, t.to(device)))  # (N, L)
+        mask = mask_by_order(masked_token_counts(seq_len, t.to(device)), orders)  # (N, L)
         labels, drop = self._labels_and_drops(net, model_kwargs or {}, batch_size, device, generator)
         repeats = int(net.diffusion_batch_mul)
         owners = mask.nonzero(as_tuple=True)[0].repeat(repeats)  # (M,)
@@ -446,7 +449,7 @@ class MaskedAutoregressive(DiffusionObjective):
                 else:
                     z_conditional = self.encode(net, tokens, mask, conditional)  # (N, L, Dz)
                     z_unconditional = None
-                mask_next = mask_by_order(orders, 0 if step == steps - 1 else lengths[step])
+                mask_next = mask_by_order(0 if step == steps - 1 else lengths[step], orders)
                 to_predict = mask & ~mask_next  # (N, L)
                 scale = guidance_scale(cfg_scale, cfg_schedule, seq_len, lengths[step])
                 tokens[to_predict] = self.sample_head(
