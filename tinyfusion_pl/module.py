@@ -97,6 +97,12 @@ class DiffusionModule(L.LightningModule):
         self.log("train/nonfinite_steps", float(self.nonfinite_steps))
         return None
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps  # a resumed run goes on counting
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+
     def log_terms(self, split: str, terms: dict[str, torch.Tensor], batch_size: int) -> None:
         for name, value in terms.items():
             if value.ndim <= 1:
