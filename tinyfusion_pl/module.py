@@ -135,7 +135,10 @@ class DiffusionModule(L.LightningModule):
                 "adapters). Build the DiffusionModule with ema_decay=None for pruning runs."
             )
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end, which Lightning calls after the callbacks' (ModelCheckpoint's):
+        # a checkpoint taken at the end of a step then holds the EMA of that step, and a resumed run misses none.
         if self.ema is not None:
             self.ema.update_parameters(self.net)
 
