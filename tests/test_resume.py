@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from tinyfusion_pl.callbacks.random_state import random_state, set_random_state
 from tinyfusion_pl.io import begin_output_set
 from tinyfusion_pl.stages import run_stage
+from tinyfusion_pl.stages.evaluate import pruned_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -248,3 +249,5 @@ def test_recover_refuses_a_prune_output_half_rewritten_by_a_killed_run_and_clear
     assert (f"{folder} holds a half-written stage=prune output: the run that wrote it stopped before finishing "
             "(files there now: decision.json, pruned.pt). Run stage=prune again with hydra.run.dir=") in result.stderr
     assert not strays[0].exists() and not (tmp_path / "run" / "recover" / "model.pt").exists()
+    with pytest.raises(ValueError, match=r"half-written stage=prune output.*pruning.resume_from=auto continues"):
+        pruned_checkpoint(tiny(tmp_path / "run", cache_dir, "stage=evaluate"))  # nor does evaluate take it
