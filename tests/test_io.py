@@ -80,7 +80,8 @@ def test_a_killed_writers_temporaries_are_removed_and_a_live_writers_kept(tmp_pa
     (tmp_path / ".hidden").write_text("a user's own dotfile")
     with atomic_path(tmp_path / "metrics.json") as in_progress:
         in_progress.write_text("{}")
-        removed = remove_stray_temporaries(tmp_path)
+        removed = remove_stray_temporaries(tmp_path, recursive=False) + remove_stray_temporaries(tmp_path)
+        assert [path.parent for path in removed] == [tmp_path] * 2 + [tmp_path / "checkpoints"] * 2
         assert sorted(path.name for path in removed) == strays
         assert in_progress.exists()  # this process is alive: its write is left alone
     assert sorted(path.name for path in tmp_path.rglob("*")) == [".hidden", "checkpoints", "metrics.json"]

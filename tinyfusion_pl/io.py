@@ -56,8 +56,8 @@ def _writer_is_gone(host: str, pid: int) -> bool:
     return False
 
 
-def remove_stray_temporaries(folder: str | Path) -> list[Path]:
-    """Remove the temporaries that killed writers left in `folder` and below; return what was removed.
+def remove_stray_temporaries(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Remove the temporaries that killed writers left in `folder` (and below); return what was removed.
 
     Only temporaries of this module's writers whose process is gone are removed, so a write in progress (another
     job, another rank) is never touched.
@@ -66,7 +66,8 @@ def remove_stray_temporaries(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return removed
-    for path in sorted(folder.rglob(".*.partial-*"), key=lambda p: len(p.parts), reverse=True):
+    found = folder.rglob(".*.partial-*") if recursive else folder.glob(".*.partial-*")
+    for path in sorted(found, key=lambda p: len(p.parts), reverse=True):
         match = _TEMPORARY.match(path.name)
         if match is None or not _writer_is_gone(match["host"], int(match["pid"])):
             continue

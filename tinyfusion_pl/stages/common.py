@@ -49,6 +49,7 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
     path = Path(cfg.paths.run_dir) / stage
     path.mkdir(parents=True, exist_ok=True)
     remove_stray_temporaries(path)
+    remove_stray_temporaries(path.parent, recursive=False)  # the run folder's own files (report.md, metrics.json)
     return path
 
 
@@ -121,7 +122,7 @@ def resume_checkpoint(cfg: DictConfig, stage: str, option: str) -> str | None:
                 f"{option}=auto found no checkpoint in {folder}. `auto` resumes the run in the folder this run writes "
                 "to, so pass that run's folder: hydra.run.dir=<the run folder> (e.g. outputs/prune/2026-01-01_12-00-00); "
                 f"or pass {option}=/path/to/<run>/{stage}/{CHECKPOINT_FOLDER}/last.ckpt, or drop {option} to start at "
-                "step 0."
+                "step 0. (Runs with callbacks=none write no checkpoints.)"
             )
         path = candidates[0]
     else:
@@ -311,6 +312,7 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
     payload = checkpoint_payload(module, cfg)
     begin_output_set(folder, "pretrain")
     checkpoint = save_torch(payload, folder / "model.pt")
+    remove_stray_temporaries(cached_teacher_path(cfg).parent)
     save_torch(payload, cached_teacher_path(cfg))
     metrics: dict[str, Any] = {"steps": trainer.global_step, "checkpoint": str(checkpoint)}
     outputs = ["model.pt", "metrics.json"]
