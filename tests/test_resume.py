@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 # its first checkpoint (step 10) resumes in the middle of an epoch and crosses into the next, where validation runs.
 SHRUNK = ["+model.depth=4", "data.batch_size=64", "pretrain.max_steps=40", "pruning.max_steps=40",
           "recover.max_steps=40", "pruning.calibration_batches=1", "recover.calibration_batches=1",
-          "sampling.samples_per_class=0", "logger=none", "trainer.enable_progress_bar=false",
-          "trainer.check_val_every_n_epoch=1", "callbacks.checkpoint.every_n_train_steps=10"]
+          "sampling.samples_per_class=0", "logger=none", "++trainer.enable_progress_bar=false",
+          "++trainer.check_val_every_n_epoch=1", "callbacks.checkpoint.every_n_train_steps=10"]
 
 
 def train_command(run_dir: Path, *overrides: str) -> list[str]:
@@ -48,14 +48,15 @@ def run_train(command: list[str], cache_dir: Path) -> subprocess.CompletedProces
 
 
 def kill_at_first_checkpoint(command: list[str], checkpoint: Path, cache_dir: Path) -> int:
-    """Start train.py, SIGKILL it as soon as its first periodic checkpoint exists; the checkpoint's step."""
+    """Start train.py, SIGKILL it (and the ranks it launched) as soon as its first periodic checkpoint exists;
+    the checkpoint's step."""
     process = subprocess.Popen(command, cwd=REPO, env=environment(cache_dir), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 900
         while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        os.kill(process.pid, signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)  # its own session: train.py and every rank it started
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL, "train.py ended before it could be killed in the middle"
@@ -114,6 +115,20 @@ def test_a_prune_killed_mid_run_and_resumed_ends_as_an_uninterrupted_one(tmp_pat
     assert_same_tensors(final["state_dict"], final_resumed["state_dict"])
     assert_same_tensors(final["optimizer_states"], final_resumed["optimizer_states"])
     assert_same_tensors(lightning_state(uninterrupted / "pruned.pt"), lightning_state(resumed / "pruned.pt"))
+
+
+@pytest.mark.slow
+def test_a_ddp_prune_killed_mid_run_and_resumed_ends_as_an_uninterrupted_one(tmp_path, cache_dir):
+    # Two CPU ranks (gloo): the checkpoint holds each rank's random state, gathered from both.
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    uninterrupted, resumed = kill_and_resume(tmp_path, cache_dir, "prune", "pruning.resume_from", *ddp)
+    assert json.loads((resumed / "decision.json").read_text()) == json.loads((uninterrupted / "decision.json").read_text())
+    final, final_resumed = (lightning_state(folder / "checkpoints" / "last.ckpt") for folder in (uninterrupted, resumed))
+    assert len(final["callbacks"]["RandomStateCheckpoint"]["ranks"]) == 2
+    states, resumed_states = ({key: value for key, value in checkpoint["callbacks"].items()
+                               if not key.startswith("ModelCheckpoint")} for checkpoint in (final, final_resumed))
+    assert_same_tensors(states, resumed_states)
+    assert_same_tensors(final["state_dict"], final_resumed["state_dict"])
 
 
 @pytest.mark.slow
