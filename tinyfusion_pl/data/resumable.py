@@ -70,10 +70,10 @@ class ResumableDataLoader(DataLoader):
         self.position = state_dict.get("position", self.position)
 
     def _batches_per_pass(self) -> int:
-        if self.batch_size is None or self.batch_sampler is None:
-            return len(self.dataset)
-        count, remainder = divmod(len(self.sampler) if not isinstance(self.sampler, PassPermutation)
-                                  else self.sampler.length, self.batch_size)
+        samples = self.sampler.length if isinstance(self.sampler, PassPermutation) else len(self.sampler)
+        if self.batch_size is None:  # no batching: one sample a step
+            return samples
+        count, remainder = divmod(samples, self.batch_size)
         return count + (0 if self.drop_last or remainder == 0 else 1)
 
     def __len__(self) -> int:
