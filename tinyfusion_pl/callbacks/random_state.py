@@ -48,7 +48,8 @@ class RandomStateCheckpoint(Callback):
     checkpoint is written (after the step) and put back just before the first training batch of the resumed run;
     validation runs with its own copy of the state, so whether it ran between a checkpoint and the next step
     (before the interruption, or again after it) changes nothing for training. The data order is the loader's
-    business: use a loader whose position is in the checkpoint (`ResumableDataLoader`).
+    business: use a loader whose position is in the checkpoint (`ResumableDataLoader`). Resumed on another number
+    of ranks, every rank takes rank zero's state.
 
         trainer = L.Trainer(callbacks=[ModelCheckpoint(every_n_train_steps=100, save_last=True), RandomStateCheckpoint()])
     """
