@@ -216,6 +216,21 @@ def test_a_crashed_prune_resumed_with_auto_ends_as_an_uninterrupted_one(tmp_path
     assert_same_tensors(final["state_dict"], final_resumed["state_dict"])  # LoRA adapters included
 
 
+def test_a_crashed_recovery_resumed_with_auto_ends_with_the_weights_and_ema_of_an_uninterrupted_one(tmp_path, cache_dir):
+    run_stage(tiny(tmp_path / "pruned", cache_dir, "stage=prune", "pruning=oracle", "callbacks=none"))
+    shrunk = ["stage=recover", f"recover.pruned={tmp_path / 'pruned' / 'prune'}", "recover.max_steps=6",
+              "callbacks.checkpoint.every_n_train_steps=2", "recover.calibration_batches=1"]
+    run_stage(tiny(tmp_path / "whole", cache_dir, *shrunk))
+    crash = ["+callbacks.crash._target_=tests.test_resume.CrashAfterStep", "+callbacks.crash.step=3"]
+    with pytest.raises(RuntimeError, match="crash"):
+        run_stage(tiny(tmp_path / "crashed", cache_dir, *shrunk, *crash))
+    run_stage(tiny(tmp_path / "crashed", cache_dir, *shrunk, "recover.resume_from=auto"))
+    final, final_resumed = (torch.load(tmp_path / name / "recover" / "model.pt", weights_only=False)
+                            for name in ("whole", "crashed"))
+    assert_same_tensors(final["model"], final_resumed["model"])
+    assert_same_tensors(final["ema"], final_resumed["ema"])  # the EMA of step 2 is in the step-2 checkpoint
+
+
 def test_auto_without_a_checkpoint_names_the_folder_and_the_fix(tmp_path):
     for stage, option, folder in (("pretrain", "pretrain.resume_from", "pretrain"),
                                   ("prune", "pruning.resume_from", "prune")):
