@@ -97,6 +97,12 @@ class DiffusionModule(L.LightningModule):
         self.log("train/nonfinite_steps", float(self.nonfinite_steps))
         return None
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps  # a resumed run goes on counting
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+
     def log_terms(self, split: str, terms: dict[str, torch.Tensor], batch_size: int) -> None:
         for name, value in terms.items():
             if value.ndim <= 1:
@@ -129,7 +135,10 @@ class DiffusionModule(L.LightningModule):
                 "adapters). Build the DiffusionModule with ema_decay=None for pruning runs."
             )
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end, which Lightning calls after the callbacks' (ModelCheckpoint's):
+        # a checkpoint taken at the end of a step then holds the EMA of that step, and a resumed run misses none.
         if self.ema is not None:
             self.ema.update_parameters(self.net)
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from tinyfusion_pl.callbacks.block_mask import DifferentiableBlockMask
 from tinyfusion_pl.callbacks.weight_update import CoOptimizedWeightUpdate
 from tinyfusion_pl.families import family_of
-from tinyfusion_pl.io import save_json
+from tinyfusion_pl.io import begin_output_set, finish_output_set, save_json
 from tinyfusion_pl.loggers import log_images
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.pruning.calibration import calibration_batches, calibration_loss
@@ -32,6 +32,7 @@ from tinyfusion_pl.stages.common import (
     load_teacher,
     model_family,
     resolve_teacher_checkpoint,
+    resume_checkpoint,
     stage_dir,
 )
 
@@ -53,13 +54,14 @@ def learnable_callbacks(cfg: DictConfig, blocks: str | list[str]) -> tuple[Diffe
 
 def learnable_selection(
     cfg: DictConfig, net: nn.Module, datamodule: L.LightningDataModule, folder: Path,
-    callbacks: tuple[DifferentiableBlockMask, CoOptimizedWeightUpdate],
+    callbacks: tuple[DifferentiableBlockMask, CoOptimizedWeightUpdate], resume_from: str | None = None,
 ) -> dict[str, Any]:
     """TinyFusion: learn the kept blocks with Gumbel gates while a weight update estimates recoverability."""
     mask, weight_update = callbacks
     module = DiffusionModule(net, objective=instantiate(cfg.objective), lr=cfg.pruning.lr, ema_decay=None)
     trainer = build_trainer(cfg, "prune", max_steps=cfg.pruning.max_steps, callbacks=[mask, weight_update])
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    begin_output_set(folder, "prune")  # from here on, the folder's older result is no longer whole
     log_images(trainer.loggers, {"prune/decision_dynamics": mask.plot_dynamics(folder / "decision_dynamics.png")})
     finish_loggers(trainer.loggers, folder)
     return mask.decision()
@@ -103,9 +105,13 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
             f"pruning.selector='{cfg.pruning.selector}' is not one of {['learnable', *BASELINE_SELECTORS]}. "
             "Pick it with the pruning group, e.g. pruning=bi_score."
         )
-    callbacks = None
+    callbacks, resume_from = None, None
     if cfg.pruning.selector == "learnable":  # a bad pruning setting stops the run before the teacher is trained
         callbacks = learnable_callbacks(cfg, model_family(cfg).block_argument(prefix="net."))
+        resume_from = resume_checkpoint(cfg, "prune", "pruning.resume_from")
+    elif cfg.pruning.get("resume_from"):
+        raise ValueError(f"pruning.resume_from={cfg.pruning.resume_from}: pruning.selector={cfg.pruning.selector} "
+                         "trains nothing, so there is nothing to resume. Drop pruning.resume_from.")
     folder = stage_dir(cfg, "prune")
     teacher_path = resolve_teacher_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -115,9 +121,10 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
     objective = instantiate(cfg.objective)
     batches = calibration_batches(datamodule, cfg.pruning.calibration_batches, seed=cfg.seed)
     if callbacks is not None:
-        decision = learnable_selection(cfg, net, datamodule, folder, callbacks)
+        decision = learnable_selection(cfg, net, datamodule, folder, callbacks, resume_from)
     else:
         decision = baseline_selection(cfg, net, objective, batches)
+        begin_output_set(folder, "prune")
     shallow = prune_blocks(net, blocks=family.block_argument(), keep=decision["kept_blocks"])
     decision.update(
         selector=cfg.pruning.selector,
@@ -129,6 +136,10 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
     )
     checkpoint = family.save(shallow, folder / decision["checkpoint"])
     save_json(decision, folder / "decision.json")
+    outputs = [decision["checkpoint"], "decision.json"]
+    if callbacks is not None:
+        outputs.append("decision_dynamics.png")
+    finish_output_set(folder, "prune", outputs)  # last: the set is whole
     return {"kept_blocks": decision["kept_blocks"], "calibration_loss": decision["calibration_loss"],
             "pruned": str(checkpoint)}
 
