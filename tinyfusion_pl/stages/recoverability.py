@@ -35,6 +35,7 @@ from tinyfusion_pl.pruning.choices import ground_truth_choices
 from tinyfusion_pl.pruning.selectors import selection_groups
 from tinyfusion_pl.stages.common import (
     build_loggers,
+    cached_teacher_path,
     config_fingerprint,
     finish_loggers,
     load_model,
@@ -97,9 +98,18 @@ def seed_config(cfg: DictConfig, study_dir: Path, seed: int) -> DictConfig:
     return OmegaConf.merge(seeded, {"teacher": {"checkpoint": str(teacher)}, "logger": None, "callbacks": None})
 
 
+def teacher_identity(cfg: DictConfig) -> str:
+    """The teacher of a seed's config: its path, or for a teacher pretrained here (in the seed's folder or the
+    cache, whichever resolve_teacher_checkpoint found) the pretraining settings that made it."""
+    cached_path = cached_teacher_path(cfg)
+    pretrained = {cached_path, Path(cfg.paths.run_dir) / "pretrain" / "model.pt"}
+    path = Path(cfg.teacher.checkpoint)
+    return f"pretrained {cached_path.parent.name}" if path in pretrained else str(path.resolve())
+
+
 def settings_fingerprint(cfg: DictConfig, *extra: Any) -> str:
     """What a cached result depends on: a result made under other settings is never reused."""
-    return config_fingerprint(cfg.teacher.checkpoint, cfg.seed, cfg.data, cfg.objective, cfg.recover, cfg.distill,
+    return config_fingerprint(teacher_identity(cfg), cfg.seed, cfg.data, cfg.objective, cfg.recover, cfg.distill,
                               cfg.sampling, cfg.evaluate.num_samples, cfg.recoverability.bootstrap, *extra)
 
 
