@@ -64,6 +64,22 @@ def test_a_killed_study_continues_without_redoing_finished_choices(tmp_path):
     assert not list(study_dir.rglob(".*.json")), "a half-written file was left behind"
 
 
+@pytest.mark.slow
+def test_two_shards_through_the_joblib_launcher_complete_one_study(tmp_path):
+    """A Hydra multirun whose two jobs (joblib launcher, if installed) share one study folder."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    study_dir = tmp_path / "study"
+    env = dict(os.environ, TINYFUSION_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, "train.py", "-m", *TINY, *SHRUNK, f"recoverability.study_dir={study_dir}",
+         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "recoverability.num_shards=2",
+         "recoverability.shard=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(path.stem for path in (study_dir / "seed_0" / "choices").glob("*.json")) == CHOICES
+    assert (study_dir / "report.md").is_file()
+
+
 def test_the_study_writes_its_report_table_and_plot(study):
     result, study_dir, _ = study
     for name in ("report.md", "recoverability.csv", "recoverability.json", "calibration_vs_recovered_seed0.png"):

@@ -131,6 +131,8 @@ def summarize_over_seeds(placed: dict[int, dict[str, dict[str, Any]]], measures:
                 figures = {}
                 for figure in ("percentile", "regret", "value"):
                     mean, interval = t_interval([cell[figure] for cell in cells], level)
+                    if figure == "percentile" and interval is not None:  # a t-interval knows no bounds; percentiles do
+                        interval = (max(0.0, interval[0]), min(100.0, interval[1]))
                     figures[figure] = {"mean": mean, "interval": interval, "per_seed": [cell[figure] for cell in cells]}
                 figures["rank"] = [cell["rank"] for cell in cells]
                 figures["size"] = [cell["size"] for cell in cells]
@@ -291,21 +293,24 @@ def report_markdown(study: dict[str, Any], analysis: dict[str, Any]) -> str:
         f"held-out diffusion loss on the validation split (fixed batches, times and noise), FID and conditional "
         f"accuracy of {study['num_samples']} samples ({first['fid'] or 'no FID'}), with {level:.0%} bootstrap "
         f"intervals over the samples ({study['bootstrap']} resamples). Seeds {seeds} (teacher, pruning, recovery).",
-        f"Wall time of the measured pieces: {analysis['seconds'] / 60:.1f} min "
-        f"({analysis['seconds_per_choice']:.0f} s per choice on average).",
+        f"Wall time of the measured pieces: {analysis['seconds'] / 60:.1f} min for the choices "
+        f"({analysis['seconds_per_choice']:.0f} s per choice on average), {analysis['selector_seconds'] / 60:.1f} min for "
+        "the selectors' choices.",
         "",
         "Percentile: the share of the other choices the selector's choice beats (100 = the best choice, 50 = a "
         "typical one); regret: the distance to the best choice in the measure's units. `own`: among the choices "
         "the selector could pick (its groups); `all`: among every choice of the ground truth.",
         "",
     ]
-    for measure in measures:
-        spec = ".1%" if measure == "conditional_accuracy" else ".4f" if measure == "heldout_loss" else ".2f"
+    for measure in [*measures, AFTER_PRUNING]:
+        spec = ".1%" if measure == "conditional_accuracy" else ".2f" if measure == "fid" else ".4f"
+        title = f"{MEASURES[measure][1]} after recovery" if measure in MEASURES \
+            else "calibration loss right after pruning (what sensitivity ranks by; before recovery)"
         lines += [
-            f"## Selectors by {MEASURES[measure][1]} after recovery ({interval_name})",
+            f"## Selectors by {title} ({interval_name})",
             "",
             "| selector | kept blocks per seed | rank own | percentile own | rank all | percentile all | regret all | "
-            f"{MEASURES[measure][1]} |",
+            f"{MEASURES[measure][1] if measure in MEASURES else 'calibration loss'} |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, entry in analysis["summary"].items():
@@ -389,6 +394,8 @@ def analyze(study: dict[str, Any]) -> dict[str, Any]:
         "differences": selector_differences(study, placed, measures, level, replicates),
         "rank_correlations": correlations, "tau_over_seeds": tau_over_seeds,
         "seconds": seconds, "seconds_per_choice": seconds / max(1, len(records)),
+        "selector_seconds": sum(record.get("seconds", 0.0) for seed in seeds
+                                for record in study["seeds"][seed]["selectors"].values()),
     }
 
 

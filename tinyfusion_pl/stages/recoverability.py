@@ -75,6 +75,10 @@ def study_settings(cfg: DictConfig) -> dict[str, Any]:
     if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < settings["num_shards"]:
         raise ValueError(f"recoverability.shard={shard!r} must be an integer in [0, recoverability.num_shards="
                          f"{settings['num_shards']}).")
+    batches = settings.get("heldout_batches")
+    if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
+        raise ValueError(f"recoverability.heldout_batches={batches!r} must be a positive integer, or null for the "
+                         "whole validation split.")
     if not 0.0 < settings.get("level", 0.0) < 1.0:
         raise ValueError(f"recoverability.level={settings.get('level')!r} must be in (0, 1), e.g. 0.95.")
     if settings["num_shards"] > 1 and not settings.get("study_dir"):
