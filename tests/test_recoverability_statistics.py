@@ -151,6 +151,7 @@ def test_a_large_space_is_sampled_uniformly_without_repeats_and_reproducibly():
     assert choices == sorted(choices) and all(admits(choice, groups) for choice in choices)
     assert ground_truth_choices(groups, max_choices=100, seed=3)[0] == choices
     assert ground_truth_choices(groups, max_choices=100, seed=4)[0] != choices
+    assert set(ground_truth_choices(groups, max_choices=40, seed=3)[0]) < set(choices)  # a larger study extends it
     # uniform: over many draws from 8-of-4 (70 choices, 35 drawn), every choice is drawn about half the time
     position = {choice: index for index, choice in enumerate(itertools.combinations(range(8), 4))}
     counts = np.zeros(70)

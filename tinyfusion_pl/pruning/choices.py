@@ -66,18 +66,19 @@ def ground_truth_choices(
     groups: Sequence[Group], max_choices: int, seed: int = 0, required_blocks: Sequence[int] = ()
 ) -> tuple[list[tuple[int, ...]], int]:
     """Every admissible choice when there are at most `max_choices`, else a uniform sample of that many without
-    repeats (reproducible from `seed`), in lexicographic order; and the number of admissible choices."""
+    repeats (reproducible from `seed`; the sample of a smaller max_choices is part of it), in lexicographic order;
+    and the number of admissible choices."""
     if isinstance(max_choices, bool) or not isinstance(max_choices, int) or max_choices < 1:
         raise ValueError(f"max_choices={max_choices!r} must be a positive integer (how many choices to recover).")
     total = count_choices(groups, required_blocks)
     if total <= max_choices:
         indices = range(total)
     else:
-        # Floyd's algorithm: max_choices distinct numbers below `total`, uniformly, without a list of all of them
-        generator, drawn = np.random.default_rng(seed), set()
-        for upper in range(total - max_choices, total):
-            candidate = int(generator.integers(0, upper + 1))
-            drawn.add(upper if candidate in drawn else candidate)
+        # the first max_choices distinct numbers of a seeded uniform stream: a uniform sample without a list of all
+        # choices, and nested, so that a larger max_choices extends a study instead of replacing it
+        generator, drawn = np.random.default_rng(seed), {}
+        while len(drawn) < max_choices:
+            drawn.setdefault(int(generator.integers(0, total)), None)
         indices = sorted(drawn)
     return [choice_at(index, groups, required_blocks) for index in indices], total
 
