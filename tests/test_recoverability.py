@@ -105,7 +105,7 @@ def test_placements_and_tau_agree_with_the_measured_choices(study):
     for key in CHOICES:
         choices[key] = json.loads((study_dir / "seed_0" / "choices" / f"{key}.json").read_text())
     placements = result["analysis"]["placements"][0]
-    for name, entry in placements.items():
+    for entry in placements.values():
         chosen = "-".join(map(str, entry["kept_blocks"]))
         fids = [choices[key]["fid"] for key in CHOICES]
         better = sum(value < choices[chosen]["fid"] for value in fids)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tinyfusion_pl.evaluation.fid import digits_fid
 from tinyfusion_pl.evaluation.digits_classifier import DigitsClassifier
+from tinyfusion_pl.evaluation.fid import digits_fid
 from tinyfusion_pl.evaluation.recoverability import analyze, spread_labels
 from tinyfusion_pl.evaluation.statistics import (
     fid_from_features,

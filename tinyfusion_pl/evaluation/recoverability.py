@@ -56,7 +56,8 @@ def measures_of(choices: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def scope_keys(seed_study: dict[str, Any], selector: dict[str, Any], scope: str) -> list[str]:
-    """The choices a selector's choice is compared with: those its groups admit ('own') or all ('all'), itself included."""
+    """The choices a selector's choice is compared with: those its groups admit ('own') or all ('all'), itself
+    included."""
     keys = list(seed_study["ground_truth"])
     if scope == "own":
         keys = [key for key in keys if admits([int(block) for block in key.split("-")], selector["groups"])]
@@ -273,6 +274,11 @@ def _number(value: Any, spec: str) -> str:
     return "n/a" if value is None or value != value else format(value, spec)  # NaN: e.g. tau of a constant
 
 
+def _ranks(figures: dict[str, Any]) -> str:
+    """'rank/size' per seed."""
+    return ", ".join(f"{rank}/{size}" for rank, size in zip(figures["rank"], figures["size"], strict=True))
+
+
 def _with_interval(figures: dict[str, Any], spec: str) -> str:
     text = format(figures["mean"], spec)
     if figures["interval"] is not None:
@@ -317,9 +323,7 @@ def report_markdown(study: dict[str, Any], analysis: dict[str, Any]) -> str:
             own, every = entry["own"][measure], entry["all"][measure]
             kept = "; ".join(str(blocks) for blocks in entry["kept_blocks"].values())
             lines.append(
-                f"| {name} | {kept} | {', '.join(f'{rank}/{size}' for rank, size in zip(own['rank'], own['size']))} | "
-                f"{_with_interval(own['percentile'], '.0f')} | "
-                f"{', '.join(f'{rank}/{size}' for rank, size in zip(every['rank'], every['size']))} | "
+                f"| {name} | {kept} | {_ranks(own)} | {_with_interval(own['percentile'], '.0f')} | {_ranks(every)} | "
                 f"{_with_interval(every['percentile'], '.0f')} | {_with_interval(every['regret'], '.3g')} | "
                 f"{_with_interval(every['value'], spec)} |"
             )
@@ -412,7 +416,9 @@ def compact(study: dict[str, Any]) -> dict[str, Any]:
     return {**study, "seeds": seeds}
 
 
-def write_study_outputs(study: dict[str, Any], study_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Path]]:
+def write_study_outputs(
+    study: dict[str, Any], study_dir: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Path]]:
     """report.md, recoverability.csv and .json and one scatter plot per seed; returns the JSON's content, the CSV
     rows and the plots (for a logger)."""
     analysis = analyze(study)

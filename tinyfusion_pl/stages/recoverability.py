@@ -24,7 +24,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl.evaluation.recoverability import CSV_COLUMNS, choice_key, write_study_outputs
-from tinyfusion_pl.evaluation.sampling import class_balanced_labels, images_to_uint8, sample_images, uint8_to_images
+from tinyfusion_pl.evaluation.sampling import (
+    class_balanced_labels,
+    images_to_uint8,
+    sample_images,
+    uint8_to_images,
+)
 from tinyfusion_pl.evaluation.statistics import fid_from_features, fid_replicates, gaussian_statistics
 from tinyfusion_pl.families import family_of
 from tinyfusion_pl.io import save_json
@@ -54,9 +59,8 @@ from tinyfusion_pl.stages.evaluate import (
     fid_scorer,
     latent_decoder,
 )
-from tinyfusion_pl.stages.prune import run_prune
+from tinyfusion_pl.stages.prune import BASELINE_SELECTORS, run_prune
 from tinyfusion_pl.stages.recover import run_recover
-
 
 # --------------------------------------------------------------------------- settings
 
@@ -204,8 +208,17 @@ class Judge:
 # --------------------------------------------------------------------------- the pieces of a study
 
 
+def piece_path(folder: Path, kind: str, item: Any = None) -> Path:
+    """Where a seed's folder keeps one finished piece: teacher.json, choices/<blocks>.json, selectors/<name>.json."""
+    if kind == "teacher":
+        return folder / "teacher.json"
+    if kind == "choice":
+        return folder / "choices" / f"{choice_key(item)}.json"
+    return folder / "selectors" / f"{item}.json"
+
+
 def measure_teacher(cfg: DictConfig, judge: Judge, folder: Path) -> dict[str, Any]:
-    path, fingerprint = folder / "teacher.json", settings_fingerprint(cfg)
+    path, fingerprint = piece_path(folder, "teacher"), settings_fingerprint(cfg)
     record = cached(path, fingerprint)
     if record is None:
         start = time.perf_counter()
@@ -218,7 +231,8 @@ def measure_teacher(cfg: DictConfig, judge: Judge, folder: Path) -> dict[str, An
 def measure_choice(cfg: DictConfig, judge: Judge, folder: Path, kept_blocks: list[int]) -> dict[str, Any]:
     """Prune the teacher to `kept_blocks`, recover, measure; cached as choices/<blocks>.json."""
     key = choice_key(kept_blocks)
-    path, fingerprint = folder / "choices" / f"{key}.json", settings_fingerprint(cfg, cfg.pruning.calibration_batches)
+    path = piece_path(folder, "choice", kept_blocks)
+    fingerprint = settings_fingerprint(cfg, cfg.pruning.calibration_batches)
     record = cached(path, fingerprint)
     if record is not None:
         return record
@@ -238,7 +252,8 @@ def measure_choice(cfg: DictConfig, judge: Judge, folder: Path, kept_blocks: lis
               "seconds": {"prune": prune_seconds, "recover": recover_seconds,
                           "measure": time.perf_counter() - start - prune_seconds - recover_seconds}}
     if not cfg.recoverability.keep_checkpoints:  # the record holds what the study needs; 70 models add up
-        for checkpoint in (run_dir / "prune" / pruned_checkpoint_name(run_dir / "prune"), run_dir / "recover" / "model.pt"):
+        pruned_path = run_dir / "prune" / pruned_checkpoint_name(run_dir / "prune")
+        for checkpoint in (pruned_path, run_dir / "recover" / "model.pt"):
             shutil.rmtree(checkpoint) if checkpoint.is_dir() else checkpoint.unlink(missing_ok=True)
     save_json(record, path)
     return record
@@ -246,7 +261,7 @@ def measure_choice(cfg: DictConfig, judge: Judge, folder: Path, kept_blocks: lis
 
 def run_selector(cfg: DictConfig, folder: Path, name: str, changes: DictConfig) -> dict[str, Any]:
     """Let one selector choose on the seed's teacher; cached as selectors/<name>.json."""
-    path = folder / "selectors" / f"{name}.json"
+    path = piece_path(folder, "selector", name)
     fingerprint = settings_fingerprint(cfg, cfg.pruning, changes)
     record = cached(path, fingerprint)
     if record is not None:
@@ -283,7 +298,7 @@ def run_recoverability(cfg: DictConfig) -> dict[str, Any]:
     settings = study_settings(cfg)
     check_settings(cfg)  # before any teacher is trained
     for name, changes in cfg.compare.selectors.items():
-        if changes.get("selector") not in ("learnable", "bi_score", "sensitivity", "oracle", "by_index", "random"):
+        if changes.get("selector") not in ("learnable", *BASELINE_SELECTORS):
             raise ValueError(f"compare.selectors.{name}.selector={changes.get('selector')!r} is not a selector; "
                              "see conf/experiment/recoverability.yaml for the form.")
     choices, total, groups = ground_truth(cfg, settings)
@@ -316,7 +331,7 @@ def run_recoverability(cfg: DictConfig) -> dict[str, Any]:
             measure_choice(seed_cfg, judge, folder, item)
         else:
             run_selector(seed_cfg, folder, item, cfg.compare.selectors[item])
-    missing = [(seed, kind, item) for seed, kind, item in work if not _done(study_dir / f"seed_{seed}", kind, item)]
+    missing = [piece for piece in work if not piece_path(study_dir / f"seed_{piece[0]}", *piece[1:]).is_file()]
     if missing:
         print(f"Shard {shard} of {num_shards} is done; {len(missing)} pieces of the study remain in other shards. "
               "The shard that finishes last writes the report (or run again without recoverability.shard).")
@@ -359,9 +374,3 @@ def log_study(cfg: DictConfig, rows: list[dict[str, Any]], plots: dict[str, Path
     finish_loggers(loggers, study_dir / "report")
 
 
-def _done(folder: Path, kind: str, item: Any) -> bool:
-    if kind == "teacher":
-        return (folder / "teacher.json").is_file()
-    if kind == "choice":
-        return (folder / "choices" / f"{choice_key(item)}.json").is_file()
-    return (folder / "selectors" / f"{item}.json").is_file()
