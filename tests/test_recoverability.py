@@ -156,3 +156,12 @@ def test_bad_study_settings_fail_before_anything_is_trained(overrides, message, 
     with pytest.raises(ValueError, match=message):
         run_stage(cfg)
     assert not (tmp_path / "cache" / "teachers").exists()
+
+
+@pytest.mark.parametrize("experiment", ["recoverability", "recoverability_ablation"])
+def test_every_selector_of_the_experiments_changes_only_existing_pruning_settings(experiment, tmp_path):
+    cfg = compose_run(tmp_path / "run", tmp_path / "cache", f"experiment={experiment}")
+    for name, changes in cfg.compare.selectors.items():
+        assert set(changes) <= set(cfg.pruning) | {"num_keep", "kept_blocks", "seed", "progress"}, name
+    if experiment == "recoverability_ablation":  # the base selectors stay, so one cached ground truth serves both
+        assert {"learnable_lora", "bi_score", "steps_100", "gate_ema_0"} <= set(cfg.compare.selectors)
