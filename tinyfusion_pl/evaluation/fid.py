@@ -9,6 +9,7 @@ Features are accumulated in float64; the distance comes back in the features' dt
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -88,12 +89,22 @@ class FIDScorer:
                              f"{self.channels}.")
         return images
 
-    def _add(self, images: torch.Tensor, real: bool) -> None:
+    @torch.no_grad()
+    def features(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The feature vectors (N, D) that FID compares, float64 on the CPU: what a bootstrap of FID resamples."""
+        images = self._checked(images, "images")
+        return torch.cat([self.metric.inception(batch).double().cpu() for batch in self._batches(images)])
+
+    def _batches(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
         device = self.metric.device
         for batch in images.split(self.batch_size):
             batch = batch.to(device).permute(0, 3, 1, 2)  # (B, C, H, W) uint8
             if batch.shape[1] != self.channels:
                 batch = batch.expand(-1, self.channels, -1, -1)  # gray as RGB for Inception
+            yield batch
+
+    def _add(self, images: torch.Tensor, real: bool) -> None:
+        for batch in self._batches(images):
             self.metric.update(batch, real=real)
 
 
