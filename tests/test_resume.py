@@ -229,6 +229,13 @@ def test_a_crashed_recovery_resumed_with_auto_ends_with_the_weights_and_ema_of_a
                             for name in ("whole", "crashed"))
     assert_same_tensors(final["model"], final_resumed["model"])
     assert_same_tensors(final["ema"], final_resumed["ema"])  # the EMA of step 2 is in the step-2 checkpoint
+    run_stage(tiny(tmp_path / "other", cache_dir, "stage=prune", "pruning=by_index", "pruning.kept_blocks=[1,2]",
+                   "pruning.num_keep=2", "callbacks=none"))
+    elsewhere = [f"recover.pruned={tmp_path / 'other' / 'prune'}" if option.startswith("recover.pruned") else option
+                 for option in shrunk]
+    with pytest.raises(ValueError, match=r"last.ckpt was trained on other inputs than this run's: recover.pruned's "
+                                         r"decision.json \(sha256\) was \w{12}\.\.\., is \w{12}\.\.\. now\. Resume with"):
+        run_stage(tiny(tmp_path / "crashed", cache_dir, *elsewhere, "recover.resume_from=auto"))
 
 
 def test_auto_without_a_checkpoint_names_the_folder_and_the_fix(tmp_path):
