@@ -132,9 +132,11 @@ def resume_checkpoint(cfg: DictConfig, stage: str, option: str, inputs: dict[str
         path = candidates[0]
     else:
         path = Path(value)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"{option}={path} does not exist. Pass a checkpoint from <run>/{stage}/"
                                     f"{CHECKPOINT_FOLDER}/ (last.ckpt), or {option}=auto with hydra.run.dir=<the run folder>.")
+    if path.is_dir():  # a sharded (FSDP) checkpoint: a folder that Lightning reads itself
+        return str(path)
     record = checkpoint_record(path, option)
     if record is not None and record.get("stage") != stage:
         raise ValueError(
