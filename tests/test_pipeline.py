@@ -113,6 +113,7 @@ def test_each_family_trains_samples_and_exports_with_its_own_objective(pipeline_
         assert type(shallow) is SiT and shallow.depth == 2
     elif "MAR-Tiny" in report:  # MAR's generation; the export is a MAR at the depths the decision kept
         assert evaluation["settings"]["head_steps"] == 50 and "method" not in evaluation["settings"]
+        assert "Sampler: 2 steps, clip_denoised True, head_steps 50, temperature 1.0, cfg_schedule linear" in report
         assert decision["blocks"] == ["encoder_blocks", "decoder_blocks"]
         shallow = mar_from_checkpoint(run_dir / "prune" / "pruned.pt")
         assert type(shallow) is MAR and shallow.encoder_depth + shallow.decoder_depth == 2

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from tinyfusion_pl.io import save_json, save_text
 from tinyfusion_pl.loggers import log_artifact, log_images, log_table
 from tinyfusion_pl.stages.common import (
+    SAMPLING_SETTINGS,
     build_loggers,
     finish_loggers,
     model_title,
@@ -53,7 +54,7 @@ def report_markdown(cfg: DictConfig, metrics: dict[str, Any], seconds: dict[str,
         "",
         f"Selector `{metrics['selector']}` kept blocks {metrics['kept_blocks']} of {teacher['blocks']}; "
         f"calibration loss right after pruning {metrics['calibration_loss']:.4f}.",
-        f"Sampler: {cfg.sampling.method} {cfg.sampling.steps} steps, CFG {cfg.sampling.cfg_scale}.",
+        f"Sampler: {sampler_description(cfg)}, CFG {cfg.sampling.cfg_scale}.",
         "",
         "| | teacher | pruned |",
         "|---|---|---|",
@@ -76,6 +77,15 @@ def report_markdown(cfg: DictConfig, metrics: dict[str, Any], seconds: dict[str,
         "",
     ]
     return "\n".join(lines)
+
+
+def sampler_description(cfg: DictConfig) -> str:
+    """The sampler's options as the report names them: "ddim 50 steps", or every option of a sampler without a method."""
+    options = {key: value for key, value in cfg.sampling.items()
+               if key not in SAMPLING_SETTINGS and key != "steps" and value is not None}
+    if cfg.sampling.get("method") is not None:
+        return f"{cfg.sampling.method} {cfg.sampling.steps} steps"
+    return ", ".join([f"{cfg.sampling.steps} steps", *(f"{key} {value}" for key, value in options.items())])
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
