@@ -136,6 +136,9 @@ def test_each_family_trains_samples_and_exports_with_its_own_objective(pipeline_
     (["+sampling.eta=0.5", "experiment=sit_digits"], "FlowMatching has no sampler option 'eta'"),
     (["sampling.steps=0"], r"steps=0 is invalid: expected an int in \[1, 1000\]"),
     (["sampling.steps=0", "experiment=sit_digits"], "steps=0"),
+    (["model=mar_digits", *MAR_SHRUNKEN], r"model=MAR-Tiny is trained and sampled only by its own objective, "
+                                          r"objective=mar; got GaussianDiffusion\. Pass objective=mar"),
+    (["experiment=mar_digits", *MAR_SHRUNKEN, "sampling.steps=0"], r"steps=0 is invalid: expected a positive int"),
 ])
 def test_a_setting_that_cannot_work_stops_the_pipeline_before_anything_is_trained(overrides, message, tmp_path):
     cfg = compose_run(tmp_path / "run", tmp_path / "cache", "stage=pipeline", *overrides)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -34,6 +34,9 @@ class DiffusionObjective(abc.ABC):
     The extension point for a new objective: implement the abstract methods; `training_losses` and
     `check_sampler_options` come for free.
     """
+
+    # The name of its config (conf/objective/<name>.yaml), which a family with its own objective names.
+    config_name: ClassVar[str | None] = None
 
     # ---------------------------------------------------------------- time
     @abc.abstractmethod

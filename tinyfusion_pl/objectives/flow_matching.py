@@ -36,6 +36,8 @@ class FlowMatching(DiffusionObjective):
     (x1 - x0 on the linear path). The net receives t itself, a float in [0, 1].
     """
 
+    config_name = "flow_matching"
+
     def __init__(self, path: str = "linear", prediction: str = "velocity") -> None:
         _validate_arguments(path, prediction)
         self.path = path

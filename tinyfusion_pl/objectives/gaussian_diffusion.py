@@ -98,6 +98,8 @@ class GaussianDiffusion(DiffusionObjective):
     model calls still receive the original timestep values.
     """
 
+    config_name = "gaussian"
+
     def __init__(
         self,
         num_timesteps: int = 1000,

@@ -166,6 +166,8 @@ class MaskedAutoregressive(DiffusionObjective):
     Sampling: MAR's generation (see `sample`).
     """
 
+    config_name = "mar"
+
     def __init__(
         self,
         mask_ratio_min: float = 0.7,

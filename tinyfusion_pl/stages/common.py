@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn as nn
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
@@ -294,8 +294,23 @@ def load_teacher(cfg: DictConfig) -> nn.Module:
 
 def build_module(cfg: DictConfig, stage_cfg: DictConfig, net: nn.Module | None = None) -> DiffusionModule:
     """A DiffusionModule for the configured model and objective with this stage's optimisation settings."""
+    check_objective(cfg)
     net = net if net is not None else instantiate(cfg.model)
     return DiffusionModule(net, objective=instantiate(cfg.objective), **stage_cfg.module)
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """Refuse an objective that cannot train the configured model: a family with its own objective (MAR) takes no other.
+
+    Read from the objective's class before its config is resolved (another objective's config may point at
+    model settings this model does not have).
+    """
+    own = model_family(cfg).own_objective
+    objective_class = get_class(cfg.objective._target_)
+    if own is not None and objective_class.config_name != own:
+        raise ValueError(f"model={model_title(cfg)} is trained and sampled only by its own objective, objective={own}; "
+                         f"got {objective_class.__name__}. Pass objective={own} (or an experiment that sets it, "
+                         "e.g. experiment=mar_digits).")
 
 
 def checkpoint_payload(module: DiffusionModule, cfg: DictConfig) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from tinyfusion_pl.evaluation.speed import count_blocks, sampling_speed
 from tinyfusion_pl.families import family_of
 from tinyfusion_pl.io import check_output_set, save_json
 from tinyfusion_pl.stages.common import (
+    check_objective,
     judge,
     load_model,
     model_blueprint,
@@ -118,6 +119,7 @@ def check_settings(cfg: DictConfig) -> None:
     selected_models(cfg)
     evaluation_device(cfg)
     fid_mode(cfg)
+    check_objective(cfg)
     sampler_options(cfg, instantiate(cfg.objective))
     blueprint = model_blueprint(cfg)
     channels = family_of(blueprint).sample_shape(blueprint)[0]
