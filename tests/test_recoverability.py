@@ -21,6 +21,7 @@ from tinyfusion_pl.evaluation.statistics import kendall_tau, place
 from tinyfusion_pl.stages import run_stage
 
 SELECTORS = ('+compare.selectors={learnable: {selector: learnable, pattern: "1:2", keep_ratio: null, group_size: null},'
+             ' frozen: {selector: learnable, pattern: "1:2", keep_ratio: null, group_size: null, weight_update: frozen},'
              ' bi_score: {selector: bi_score, pattern: null, keep_ratio: 0.5, group_size: null, progress: false},'
              ' oracle: {selector: oracle, kept_blocks: null}}')
 SHRUNK = ["experiment=recoverability", "data.batch_size=16", "pretrain.max_steps=4", "pruning.max_steps=4", "pruning.calibration_batches=1",
@@ -95,7 +96,7 @@ def test_the_study_writes_its_report_table_and_plot(study):
     assert "all 4 of the 4 admissible kept-sets" in report and "| learnable |" in report
     assert "Kendall's tau" in report and "![calibration against recovered, seed 0]" in report
     saved = json.loads((study_dir / "recoverability.json").read_text())
-    assert set(saved["analysis"]["placements"]["0"]) == {"learnable", "bi_score", "oracle"}
+    assert set(saved["analysis"]["placements"]["0"]) == {"learnable", "frozen", "bi_score", "oracle"}
     assert not list((study_dir / "seed_0" / "runs").rglob("model.pt")), "checkpoints are dropped once measured"
 
 

@@ -145,7 +145,8 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         trainable = [p for p in self.net.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+        # one group even when the net is frozen (weight_update=frozen): the block mask adds the gate logits to it
+        optimizer = torch.optim.AdamW([{"params": trainable}], lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
                                       betas=tuple(self.hparams.betas))
         if self.hparams.lr_schedule == "constant":
             return optimizer

@@ -262,7 +262,7 @@ def plot_calibration_vs_recovered(seed_study: dict[str, Any], measures: Sequence
             axes.annotate(f"{', '.join(names[key])} [{key.replace('-', ',')}]", (x, y), xytext=(1.03, height),
                           textcoords="axes fraction", fontsize=7, va="center",
                           arrowprops={"arrowstyle": "-", "color": "0.4", "lw": 0.6})
-        axes.legend(fontsize=7, loc="upper left")
+        axes.legend(fontsize=7, loc="best")
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight"))
