@@ -35,6 +35,21 @@ JOINT_STREAMS = BlockStreams(inputs=("hidden_states", "encoder_hidden_states"),
                              outputs=("encoder_hidden_states", "hidden_states"))
 
 
+def attention_projection_groups(block: nn.Module) -> list[tuple[str, ...]]:
+    """The projections of every diffusers attention in `block` that read one tensor: q, k and v of a self-attention
+    (k and v of a cross-attention, whose q reads the image tokens), and the text-token q, k and v of a joint one."""
+    groups = []
+    for name, module in block.named_modules():
+        prefix = f"{name}." if name else ""
+        if all(isinstance(getattr(module, projection, None), nn.Module) for projection in ("to_q", "to_k", "to_v")):
+            projections = ("to_k", "to_v") if getattr(module, "is_cross_attention", False) else ("to_q", "to_k", "to_v")
+            groups.append(tuple(prefix + projection for projection in projections))
+        added = ("add_q_proj", "add_k_proj", "add_v_proj")
+        if all(isinstance(getattr(module, projection, None), nn.Module) for projection in added):
+            groups.append(tuple(prefix + projection for projection in added))
+    return groups
+
+
 def save_pretrained_folder(model: nn.Module, path: str | os.PathLike) -> Path:
     """`model.save_pretrained` into a folder beside `path`, then moved onto `path`: never a half-written folder."""
     with atomic_folder(path) as temporary:
@@ -85,6 +100,9 @@ class DiffusersTransformerFamily(SavedAsFolder):
         """Whether instances of exactly `cls` are this family's models (by name and package: nothing imported)."""
         return cls.__name__ == self.class_name and cls.__module__.partition(".")[0] == "diffusers"
 
+    def shared_input_linears(self, block: nn.Module) -> list[tuple[str, ...]]:
+        return attention_projection_groups(block)
+
     # ---------------------------------------------------------------- structure
     def architecture(self, net: nn.Module) -> dict[str, Any]:
         return {key: value for key, value in net.config.items() if not key.startswith("_")}
@@ -129,6 +147,9 @@ class DiTTransformerFamily(DiffusersTransformerFamily):
 
     name = "dit_transformer_2d"
     class_name = "DiTTransformer2DModel"
+    # The Linears of facebookresearch/DiT's block (qkv split in three): every block also holds a copy of the
+    # timestep/label embedder, which DiT keeps outside its blocks, so "every Linear" would adapt it there too.
+    lora_target = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear")
 
     def required_blocks(self, net: nn.Module) -> tuple[int, ...]:
         blocks = net.transformer_blocks
@@ -197,6 +218,14 @@ class FluxTransformerFamily(DiffusersTransformerFamily):
     def block_streams(self, container_index: int) -> BlockStreams | None:
         return JOINT_STREAMS
 
+    def shared_input_linears(self, block: nn.Module) -> list[tuple[str, ...]]:
+        groups = super().shared_input_linears(block)
+        if isinstance(getattr(block, "proj_mlp", None), nn.Module):
+            # A single-stream block feeds one normalised tensor to its MLP and to its attention's q, k and v.
+            groups = [("proj_mlp", *group) if group == ("attn.to_q", "attn.to_k", "attn.to_v") else group
+                      for group in groups]
+        return groups
+
 
 #################################################################################
 #                  Their adapters to net(x, t, **condition)                      #
@@ -212,6 +241,7 @@ class DiffusersDenoiserFamily(SavedAsFolder):
         super().__init_subclass__(**kwargs)
         cls.blocks = tuple(f"model.{path}" for path in cls.transformer.blocks)
         cls.depth_arguments = cls.transformer.depth_arguments
+        cls.lora_target = cls.transformer.lora_target
 
     # ---------------------------------------------------------------- structure
     def architecture(self, net: nn.Module) -> dict[str, Any]:
@@ -222,6 +252,9 @@ class DiffusersDenoiserFamily(SavedAsFolder):
 
     def block_streams(self, container_index: int) -> BlockStreams | None:
         return self.transformer.block_streams(container_index)
+
+    def shared_input_linears(self, block: nn.Module) -> list[tuple[str, ...]]:
+        return self.transformer.shared_input_linears(block)
 
     def required_blocks(self, net: nn.Module) -> tuple[int, ...]:
         return self.transformer.required_blocks(net.model)
