@@ -23,6 +23,9 @@ from tinyfusion_pl.io import atomic_folder
 from tinyfusion_pl.models.checkpoints import load_dit_state_dict
 from tinyfusion_pl.models.diffusers import (
     DiffusersDiT,
+    DiffusersFlux,
+    DiffusersPixArt,
+    DiffusersSD3,
     build_diffusers,
     from_pretrained,
     import_diffusers,
@@ -233,7 +236,8 @@ class FluxTransformerFamily(DiffusersTransformerFamily):
 
 
 class DiffusersDenoiserFamily(SavedAsFolder):
-    """A DiffusersDenoiser: its diffusers model's family with every path under `model.`, called the project's way."""
+    """A DiffusersDenoiser: its diffusers model's family with every path under `model.`, called the project's way,
+    conditioned on class labels (the text-conditioned ones through a caption per class)."""
 
     transformer: ClassVar[DiffusersTransformerFamily]
 
@@ -250,6 +254,9 @@ class DiffusersDenoiserFamily(SavedAsFolder):
     def build(self, **architecture: Any) -> nn.Module:
         return build_diffusers(**architecture)
 
+    def sample_shape(self, net: nn.Module) -> tuple[int, ...]:
+        return tuple(net.sample_shape)
+
     def block_streams(self, container_index: int) -> BlockStreams | None:
         return self.transformer.block_streams(container_index)
 
@@ -264,6 +271,16 @@ class DiffusersDenoiserFamily(SavedAsFolder):
 
     def after_depth_change(self, net: nn.Module, block_counts: Sequence[int]) -> None:
         self.transformer.after_depth_change(net.model, block_counts)
+
+    # ---------------------------------------------------------------- conditioning: class labels, with a null label
+    def num_classes(self, net: nn.Module) -> int | None:
+        return net.num_classes
+
+    def null_label(self, net: nn.Module) -> int:
+        return net.num_classes
+
+    def label_dropout(self, net: nn.Module) -> float:
+        return net.class_dropout_prob
 
     # ---------------------------------------------------------------- saving and loading
     def load(self, checkpoint: str | os.PathLike | Mapping[str, Any], like: nn.Module, prefer: str = "ema") -> nn.Module:
@@ -280,19 +297,6 @@ class DiffusersDiTFamily(DiffusersDenoiserFamily):
     model_class = DiffusersDiT
     transformer = DiTTransformerFamily()
 
-    def sample_shape(self, net: nn.Module) -> tuple[int, ...]:
-        config = net.model.config
-        return (config.in_channels, config.sample_size, config.sample_size)
-
-    def num_classes(self, net: nn.Module) -> int | None:
-        return net.num_classes
-
-    def null_label(self, net: nn.Module) -> int:
-        return net.num_classes
-
-    def label_dropout(self, net: nn.Module) -> float:
-        return net.class_dropout_prob
-
     def load_state_dict(self, net: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
         # Loading into one shared embedder would keep whichever block's copy comes last: unshare, load, reshare.
         net.unshare_embedders()
@@ -300,10 +304,37 @@ class DiffusersDiTFamily(DiffusersDenoiserFamily):
         net.share_embedders()
 
 
+class DiffusersPixArtFamily(DiffusersDenoiserFamily):
+    """DiffusersPixArt: PixArt on the caption of each class label, `net(x, t, y, force_drop_ids)`."""
+
+    name = "diffusers_pixart"
+    model_class = DiffusersPixArt
+    transformer = PixArtTransformerFamily()
+
+
+class DiffusersSD3Family(DiffusersDenoiserFamily):
+    """DiffusersSD3: SD3's MMDiT on the caption of each class label, in the project's flow matching convention."""
+
+    name = "diffusers_sd3"
+    model_class = DiffusersSD3
+    transformer = SD3TransformerFamily()
+
+
+class DiffusersFluxFamily(DiffusersDenoiserFamily):
+    """DiffusersFlux: Flux on the caption of each class label, latents packed by the adapter, flow matching."""
+
+    name = "diffusers_flux"
+    model_class = DiffusersFlux
+    transformer = FluxTransformerFamily()
+
+
 __all__ = [
     "DiTTransformerFamily",
     "DiffusersDenoiserFamily",
     "DiffusersDiTFamily",
+    "DiffusersFluxFamily",
+    "DiffusersPixArtFamily",
+    "DiffusersSD3Family",
     "DiffusersTransformerFamily",
     "FluxTransformerFamily",
     "JOINT_STREAMS",
