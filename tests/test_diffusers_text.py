@@ -172,3 +172,23 @@ def test_a_captions_file_that_does_not_fit_is_refused_naming_the_problem(caption
         path = tmp_path / captions
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         build_diffusers("sd3", captions=path, num_classes=NUM_CLASSES, **TINY_TEXT_MODELS["sd3"])
+
+
+def test_train_py_on_a_pretrained_text_model_without_captions_stops_with_the_format(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_configs import REPO
+
+    folder = write_pretrained_folder(tmp_path / "sd3", "sd3")
+    result = subprocess.run(
+        [sys.executable, "train.py", "model=diffusers_sd3", f"model.pretrained={folder}", "objective=flow_matching",
+         "sampling.clip_denoised=null", "stage=pretrain", f"hydra.run.dir={tmp_path / 'run'}", "logger=none",
+         f"paths.cache_dir={tmp_path / 'cache'}"],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "SD3Transformer2DModel is text-conditioned: give model.captions=<file>" in result.stderr
+    assert "'pooled_projections' (num_classes + 1, pooled dim)" in result.stderr
+    assert not any((tmp_path / "run").glob("pretrain/*")), "nothing trained or written"
