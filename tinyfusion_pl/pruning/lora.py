@@ -235,7 +235,8 @@ class SharedInputLoRAFunction(torch.autograd.Function):
     def backward(ctx, *grad_outputs):
         inputs, bottleneck, lora_a, lora_b, *weights = ctx.saved_tensors
         count = len(weights)
-        grad = torch.cat([g.reshape(-1, g.shape[-1]) for g in grad_outputs], dim=1)  # (M, sum out)
+        # One copy: cat reads strided gradients (e.g. attention's, transposed back from heads) as they are.
+        grad = torch.cat(grad_outputs, dim=-1).view(-1, sum(ctx.out_sizes))  # (M, sum out)
         grad_bottleneck = (lora_b.t() @ grad.t()).t() * ctx.scaling  # (M, sum rank)
         grad_x = None
         if ctx.needs_input_grad[0]:
