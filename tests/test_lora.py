@@ -365,7 +365,7 @@ def separate_and_shared(ranks=(2, 2, 2), dropout=0.0, **kwargs):
     """The same randomised q/k/v LoRA layers twice: computed separately, and joined in a SharedInputLoRA."""
     torch.manual_seed(0)
     separate = Projections(**kwargs)
-    for name, rank in zip(("to_q", "to_k", "to_v"), ranks):
+    for name, rank in zip(("to_q", "to_k", "to_v"), ranks, strict=True):
         setattr(separate, name, LoRALinear(getattr(separate, name), rank=rank, alpha=4, dropout=dropout))
     randomize_adapters(separate)
     shared = copy.deepcopy(separate)

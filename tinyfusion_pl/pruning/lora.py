@@ -218,8 +218,9 @@ class SharedInputLoRAFunction(torch.autograd.Function):
         lora_a = torch.cat(lora_as)  # (sum rank, in)
         lora_b = torch.block_diag(*lora_bs)  # (sum out, sum rank)
         ranks = [lora_a.shape[0] for lora_a in lora_as]
-        scaling = scalings[0] if len(set(scalings)) == 1 else torch.tensor(
-            [value for value, rank in zip(scalings, ranks) for _ in range(rank)], dtype=x.dtype, device=x.device)
+        scaling = scalings[0] if len(set(scalings)) == 1 else torch.tensor(  # one factor per bottleneck column
+            [value for value, rank in zip(scalings, ranks, strict=True) for _ in range(rank)],
+            dtype=x.dtype, device=x.device)
         bottleneck = (lora_a @ inputs.t()).t() * scaling  # (M, sum rank)
         out = inputs @ weight.t() if biases[0] is None else torch.addmm(torch.cat(biases), inputs, weight.t())
         out.addmm_(bottleneck, lora_b.t())  # (M, sum out)
@@ -245,8 +246,9 @@ class SharedInputLoRAFunction(torch.autograd.Function):
         grad_b = (bottleneck.t() @ grad).t()  # (sum out, sum rank): the diagonal blocks are the B gradients
         out_starts = [sum(ctx.out_sizes[:index]) for index in range(count)]
         rank_starts = [sum(ctx.ranks[:index]) for index in range(count)]
+        blocks = zip(out_starts, ctx.out_sizes, rank_starts, ctx.ranks, strict=True)
         grad_bs = [grad_b[out_start:out_start + size, rank_start:rank_start + rank]
-                   for out_start, size, rank_start, rank in zip(out_starts, ctx.out_sizes, rank_starts, ctx.ranks)]
+                   for out_start, size, rank_start, rank in blocks]
         return grad_x, None, *([None] * 2 * count), *grad_as, *grad_bs
 
 
@@ -292,7 +294,8 @@ class SharedInputLoRA:
 
     def __call__(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
         pending = self._pending.pop(layer, None)
-        if pending is not None and self._input is not None and self._input() is x and x._version == self._input_version:
+        same_input = self._input is not None and self._input() is x and x._version == self._input_version
+        if pending is not None and same_input:
             if not self._pending:
                 self._input = None
             return pending
@@ -310,7 +313,8 @@ class SharedInputLoRA:
         scalings = tuple(member.scaling for member in self.layers)
         outputs = SharedInputLoRAFunction.apply(tensors[0], scalings, *tensors[1:])
         self._input, self._input_version = weakref.ref(x), x._version
-        self._pending = {member: output for member, output in zip(self.layers, outputs) if member is not layer}
+        self._pending = {member: output for member, output in zip(self.layers, outputs, strict=True)
+                         if member is not layer}
         return outputs[self.layers.index(layer)]
 
 
