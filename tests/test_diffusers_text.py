@@ -192,3 +192,24 @@ def test_train_py_on_a_pretrained_text_model_without_captions_stops_with_the_for
     assert "SD3Transformer2DModel is text-conditioned: give model.captions=<file>" in result.stderr
     assert "'pooled_projections' (num_classes + 1, pooled dim)" in result.stderr
     assert not any((tmp_path / "run").glob("pretrain/*")), "nothing trained or written"
+
+
+@pytest.mark.parametrize("experiment,counts,objective", [
+    ("diffusers_pixart_digits", [4], "GaussianDiffusion"),
+    ("diffusers_sd3_digits", [4], "FlowMatching"),
+    ("diffusers_flux_digits", [1, 3], "FlowMatching"),  # 4 blocks in the configured 2:6 proportion
+])
+def test_the_text_conditioned_digits_experiments_compose_with_smoke(experiment, counts, objective):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from tests.test_configs import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment=[{experiment},smoke]", "paths.run_dir=unused"])
+    with torch.device("meta"):
+        net = instantiate(cfg.model)
+    family = family_of(net)
+    assert family.block_counts(net) == counts and family.num_classes(net) == 10
+    assert family.sample_shape(net) == (1, 8, 8)
+    assert type(instantiate(cfg.objective)).__name__ == objective
