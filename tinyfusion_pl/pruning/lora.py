@@ -200,13 +200,13 @@ class LoRALinear(nn.Module):
 
 
 class SharedInputLoRAFunction(torch.autograd.Function):
-    """n LoRA layers on one input x as one product: x [W_1; ...; W_n]^T + b + (x [A_1; ...; A_n]^T s) diag(B_i)^T.
+    """n LoRA layers on one input x: y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T, with the A products shared.
 
-    `scalings` holds each layer's alpha / rank (s scales each layer's bottleneck columns). Returns the n outputs
-    (views into one buffer). Every layer keeps its own A and B; only the calls are shared:
-    one GEMM for the base weights, one for the stacked A's, one for the block-diagonal B's, and in backward one
-    GEMM each for the input gradient and the A gradients, instead of n of each plus the sums of n input
-    gradients. The base weights are frozen (SharedInputLoRA falls back to separate layers otherwise).
+    `scalings` holds each layer's alpha / rank s_i. Every layer keeps its own A and B and its own contiguous output;
+    what is shared is one GEMM for the stacked A's in forward, and in backward one GEMM for the A gradients and
+    one input gradient accumulated in place (x's gradient from n separate layers costs n - 1 more passes to sum,
+    and n thin products with A). The base weights are frozen (SharedInputLoRA falls back to separate layers
+    otherwise).
     """
 
     @staticmethod
@@ -214,41 +214,42 @@ class SharedInputLoRAFunction(torch.autograd.Function):
         count = len(tensors) // 4
         weights, biases, lora_as, lora_bs = (tensors[index * count:(index + 1) * count] for index in range(4))
         inputs = x.reshape(-1, x.shape[-1])  # (M, in)
-        weight = torch.cat(weights)  # (sum out, in)
         lora_a = torch.cat(lora_as)  # (sum rank, in)
-        lora_b = torch.block_diag(*lora_bs)  # (sum out, sum rank)
-        ranks = [lora_a.shape[0] for lora_a in lora_as]
+        ranks = [a.shape[0] for a in lora_as]
         scaling = scalings[0] if len(set(scalings)) == 1 else torch.tensor(  # one factor per bottleneck column
             [value for value, rank in zip(scalings, ranks, strict=True) for _ in range(rank)],
             dtype=x.dtype, device=x.device)
         bottleneck = (lora_a @ inputs.t()).t() * scaling  # (M, sum rank)
-        out = inputs @ weight.t() if biases[0] is None else torch.addmm(torch.cat(biases), inputs, weight.t())
-        out.addmm_(bottleneck, lora_b.t())  # (M, sum out)
-        ctx.save_for_backward(inputs, bottleneck, lora_a, lora_b, *weights)
+        bottlenecks = bottleneck.split(ranks, dim=1)  # n x (M, rank)
+        outputs = []
+        for weight, bias, lora_b, layer_bottleneck in zip(weights, biases, lora_bs, bottlenecks, strict=True):
+            out = inputs @ weight.t() if bias is None else torch.addmm(bias, inputs, weight.t())  # (M, out)
+            out.addmm_(layer_bottleneck, lora_b.t())
+            outputs.append(out.view(*x.shape[:-1], out.shape[-1]))  # (..., out)
+        ctx.save_for_backward(inputs, bottleneck, lora_a, *weights, *lora_bs)
         ctx.scaling = scaling
-        ctx.input_shape = x.shape
-        ctx.out_sizes = [weight.shape[0] for weight in weights]
         ctx.ranks = ranks
-        return tuple(part.view(*x.shape[:-1], part.shape[-1]) for part in out.split(ctx.out_sizes, dim=1))
+        ctx.input_shape = x.shape
+        return tuple(outputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outputs):
-        inputs, bottleneck, lora_a, lora_b, *weights = ctx.saved_tensors
-        count = len(weights)
-        # One copy: cat reads strided gradients (e.g. attention's, transposed back from heads) as they are.
-        grad = torch.cat(grad_outputs, dim=-1).view(-1, sum(ctx.out_sizes))  # (M, sum out)
-        grad_bottleneck = (lora_b.t() @ grad.t()).t() * ctx.scaling  # (M, sum rank)
+        inputs, bottleneck, lora_a, *rest = ctx.saved_tensors
+        count = len(rest) // 2
+        weights, lora_bs = rest[:count], rest[count:]
+        grads = [g.reshape(-1, g.shape[-1]) for g in grad_outputs]  # n x (M, out)
+        grad_bottleneck = torch.cat([(lora_b.t() @ grad.t()).t() for lora_b, grad in zip(lora_bs, grads, strict=True)],
+                                    dim=1) * ctx.scaling  # (M, sum rank): d loss / d (x A^T)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ torch.cat(weights)).addmm_(grad_bottleneck, lora_a).view(ctx.input_shape)  # (..., in)
+            grad_x = grads[0] @ weights[0]  # (M, in)
+            for grad, weight in zip(grads[1:], weights[1:], strict=True):
+                grad_x.addmm_(grad, weight)
+            grad_x = grad_x.addmm_(grad_bottleneck, lora_a).view(ctx.input_shape)  # (..., in)
         grad_as = (grad_bottleneck.t() @ inputs).split(ctx.ranks)  # n x (rank, in)
-        grad_b = (bottleneck.t() @ grad).t()  # (sum out, sum rank): the diagonal blocks are the B gradients
-        out_starts = [sum(ctx.out_sizes[:index]) for index in range(count)]
-        rank_starts = [sum(ctx.ranks[:index]) for index in range(count)]
-        blocks = zip(out_starts, ctx.out_sizes, rank_starts, ctx.ranks, strict=True)
-        grad_bs = [grad_b[out_start:out_start + size, rank_start:rank_start + rank]
-                   for out_start, size, rank_start, rank in blocks]
+        grad_bs = [(layer_bottleneck.t() @ grad).t()  # (out, rank)
+                   for layer_bottleneck, grad in zip(bottleneck.split(ctx.ranks, dim=1), grads, strict=True)]
         return grad_x, None, *([None] * 2 * count), *grad_as, *grad_bs
 
 
