@@ -305,7 +305,7 @@ def test_the_dit_adapter_saves_a_diffusers_folder_and_loads_it_or_a_state_dict(t
 
 
 def test_build_diffusers_refuses_what_it_cannot_build(tmp_path):
-    with pytest.raises(ValueError, match=r"kind='unet' is not one of \['dit'\]"):
+    with pytest.raises(ValueError, match=r"kind='unet' is not one of \['dit', 'flux', 'pixart', 'sd3'\]"):
         build_diffusers("unet")
     with pytest.raises(ValueError, match=r"\['hidden_size'\] are not config keywords of DiTTransformer2DModel"):
         build_diffusers("dit", hidden_size=8)
