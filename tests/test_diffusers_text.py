@@ -174,6 +174,7 @@ def test_a_captions_file_that_does_not_fit_is_refused_naming_the_problem(caption
         build_diffusers("sd3", captions=path, num_classes=NUM_CLASSES, **TINY_TEXT_MODELS["sd3"])
 
 
+@pytest.mark.slow  # a train.py process: about 10 s of imports; the same refusal runs in-process above
 def test_train_py_on_a_pretrained_text_model_without_captions_stops_with_the_format(tmp_path):
     import os
     import subprocess
