@@ -89,7 +89,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                              "Linear of the blocks; diffusers' DiT: those of DiT's block)")
     parser.add_argument("--lora-products", choices=("shared", "separate"), default="shared",
                         help="shared (default): adapted Linears that a block calls on one tensor (q, k, v) are "
-                             "computed as one product (SharedInputLoRA); separate: every layer on its own")
+                             "computed with shared LoRA products (SharedInputLoRA); separate: every layer on its own")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (gates get 10x)")
     add_step_arguments(parser, VARIANTS)
     return parse_step_arguments(parser, argv)

@@ -102,7 +102,7 @@ class ModelFamily:
     def shared_input_linears(self, block: nn.Module) -> list[tuple[str, ...]]:
         """Names under `block` of Linear layers that its forward always calls on one tensor, one tuple per group.
 
-        The LoRA weight update computes each group as one product (tinyfusion_pl.pruning.lora.SharedInputLoRA),
+        The LoRA weight update shares the products of each group (tinyfusion_pl.pruning.lora.SharedInputLoRA),
         with the same outputs and gradients as separate layers. None here: DiT's qkv is one Linear already.
         """
         return []

@@ -285,7 +285,7 @@ class SharedInputLoRA:
         self._input, self._input_version, self._pending = None, -1, {}
 
     def fusable(self) -> bool:
-        """Whether one product computes exactly what the separate layers do now."""
+        """Whether the shared products compute exactly what the separate layers do now."""
         first = self.layers[0]
         return all(
             not layer.merged and isinstance(layer.dropout, nn.Identity) and (layer.bias is None) == (first.bias is None)
