@@ -7,8 +7,10 @@ its model family like ours.
 Both variants run on the same model weights, batch and machine, in one run:
   plain    AdamW on every weight of the dense model.
   pruning  N:M block mask (per-sample straight-through Gumbel gates, BlockGates + BlockMaskHooks, the
-           machinery of DifferentiableBlockMask) and LoRA on every Linear of the blocks; every original
-           weight frozen; AdamW on the adapters (lr) and the gate logits (10 x lr, no weight decay).
+           machinery of DifferentiableBlockMask) and LoRA placed as CoOptimizedWeightUpdate places it
+           (inject_block_lora: the family's target, every Linear of the blocks by default; layers a block
+           calls on one tensor share their products); every original weight frozen; AdamW on the adapters
+           (lr) and the gate logits (10 x lr, no weight decay).
 The loss is the objective's training loss on random latents: by default the model's own (DiT: Gaussian
 diffusion, MSE + VB; SiT: flow matching, velocity MSE), or --objective.
 
@@ -65,7 +67,7 @@ from tinyfusion_pl.objectives import DiffusionObjective
 from tinyfusion_pl.pruning.block_hooks import BlockMaskHooks, sequence_streams
 from tinyfusion_pl.pruning.containers import resolve_block_sequence
 from tinyfusion_pl.pruning.gates import BlockGates
-from tinyfusion_pl.pruning.lora import inject_lora
+from tinyfusion_pl.pruning.lora import LoRALinear, inject_block_lora
 from tinyfusion_pl.pruning.patterns import BlockPattern
 
 VARIANTS = ("plain", "pruning")
@@ -83,7 +85,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     parser.add_argument("--lora-target", default=None,
                         help="comma-separated names (or dotted name endings) of the block Linears to adapt, e.g. "
-                             "'to_q,to_out.0'; default: every Linear of the blocks, like CoOptimizedWeightUpdate")
+                             "'to_q,to_out.0'; default: the model family's, like CoOptimizedWeightUpdate (every "
+                             "Linear of the blocks; diffusers' DiT: those of DiT's block)")
+    parser.add_argument("--lora-products", choices=("shared", "separate"), default="shared",
+                        help="shared (default): adapted Linears that a block calls on one tensor (q, k, v) are "
+                             "computed with shared LoRA products (SharedInputLoRA); separate: every layer on its own")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (gates get 10x)")
     add_step_arguments(parser, VARIANTS)
     return parse_step_arguments(parser, argv)
@@ -143,8 +149,11 @@ def pruning_step_function(
     sequence = resolve_block_sequence(model, family.block_argument())
     model.requires_grad_(False)
     target = None if arguments.lora_target is None else arguments.lora_target.split(",")
-    for container in sequence.containers:
-        inject_lora(container, rank=arguments.rank, alpha=arguments.alpha, target=target)
+    inject_block_lora(model, sequence, rank=arguments.rank, alpha=arguments.alpha, target=target)
+    if arguments.lora_products == "separate":
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.shared_input = None
     groups = BlockPattern.parse(arguments.pattern).groups_for_depth(len(sequence))
     gates = BlockGates(groups, required_blocks=family.required_blocks(model)).to(arguments.device)
     noise_generator = torch.Generator().manual_seed(arguments.seed + 2)
@@ -255,7 +264,8 @@ def print_table(results: dict) -> None:
     parameters = results["parameters"]
     print(
         f"pruning variant: {config['pattern']} mask, LoRA rank {config['rank']} on "
-        f"{'every block Linear' if config['lora_target'] is None else config['lora_target']} "
+        f"{'the family target' if config['lora_target'] is None else config['lora_target']}"
+        f"{', every layer separately' if config['lora_products'] == 'separate' else ''} "
         f"({parameters['lora_adapters']:,} adapter weights = {100 * parameters['lora_adapters'] / parameters['dense']:.2f}% "
         f"of {parameters['dense']:,})"
     )

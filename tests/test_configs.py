@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from tinyfusion_pl.families import family_of
 
@@ -27,14 +28,27 @@ def compose_train(overrides: list[str]):
 
 
 @pytest.mark.parametrize("model", group_options("model"))
-def test_every_model_config_builds_its_registry_entry(model):
-    cfg = compose_train([f"model={model}", "paths.run_dir=unused"])
+def test_every_model_config_builds_its_registry_entry(model, tmp_path):
+    overrides = [f"model={model}", "paths.run_dir=unused"]
+    expected_channels = None
+    if OmegaConf.is_missing(compose_train(overrides).model, "pretrained"):  # from a folder only, with its captions
+        from tests.tiny_diffusers import NUM_CLASSES, write_captions, write_pretrained_folder
+
+        kind = compose_train(overrides).model.kind
+        overrides += [f"model.pretrained={write_pretrained_folder(tmp_path / 'folder', kind)}",
+                      f"model.captions={write_captions(tmp_path / 'captions.pt', kind)}",
+                      f"+model.num_classes={NUM_CLASSES}"] + (["model.sample_size=8"] if kind == "flux" else [])
+        expected_channels = 1  # the tiny folder's latents
+    cfg = compose_train(overrides)
     with torch.device("meta"):  # XL-sized entries: shapes only, no memory
         net = instantiate(cfg.model)
     family = family_of(net)
     classes = cfg.model.get("num_classes", cfg.model.get("num_embeds_ada_norm", cfg.model.get("class_num")))
     assert family.num_classes(net) == classes
-    assert family.sample_shape(net)[0] == cfg.model.get("in_channels", cfg.model.get("vae_embed_dim"))
+    if expected_channels is None:  # Flux's config counts 4 packed channels per latent channel
+        expected_channels = cfg.model.get("in_channels", cfg.model.get("vae_embed_dim"))
+        expected_channels //= 4 if cfg.model.get("kind") == "flux" else 1
+    assert family.sample_shape(net)[0] == expected_channels
 
 
 @pytest.mark.parametrize("data", group_options("data"))

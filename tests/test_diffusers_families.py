@@ -18,7 +18,9 @@ from tinyfusion_pl.families import family_of  # noqa: E402
 from tinyfusion_pl.families.diffusers import DiffusersDiTFamily  # noqa: E402
 from tinyfusion_pl.models.checkpoints import CheckpointMismatchError  # noqa: E402
 from tinyfusion_pl.models.diffusers import DiffusersDiT, build_diffusers, import_diffusers  # noqa: E402
+from tinyfusion_pl.pruning.containers import resolve_block_sequence  # noqa: E402
 from tinyfusion_pl.pruning.export import prune_blocks  # noqa: E402
+from tinyfusion_pl.pruning.lora import LoRALinear, inject_block_lora  # noqa: E402
 
 BATCH = 2
 
@@ -303,7 +305,7 @@ def test_the_dit_adapter_saves_a_diffusers_folder_and_loads_it_or_a_state_dict(t
 
 
 def test_build_diffusers_refuses_what_it_cannot_build(tmp_path):
-    with pytest.raises(ValueError, match=r"kind='unet' is not one of \['dit'\]"):
+    with pytest.raises(ValueError, match=r"kind='unet' is not one of \['dit', 'flux', 'pixart', 'sd3'\]"):
         build_diffusers("unet")
     with pytest.raises(ValueError, match=r"\['hidden_size'\] are not config keywords of DiTTransformer2DModel"):
         build_diffusers("dit", hidden_size=8)
@@ -336,3 +338,96 @@ def test_the_diffusers_digits_experiment_composes_with_smoke():
         net = instantiate(cfg.model)
     assert isinstance(net, DiffusersDiT) and family_of(net).block_counts(net) == [4]
     assert instantiate(cfg.objective).learn_sigma
+
+
+# ---------------------------------------------------------------------------- where LoRA goes, and shared products
+
+
+def graph_node_names(output):
+    """The names of every autograd node `output` was computed through, each node once."""
+    seen, names, stack = set(), [], [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        names.append(type(node).__name__)
+        stack += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
+# name -> the layers of block 0 that share a product, one group per tuple (Flux: a double-, then a single-stream block)
+SHARED_GROUPS = {
+    "dit": [("attn1.to_q", "attn1.to_k", "attn1.to_v")],
+    "pixart": [("attn1.to_q", "attn1.to_k", "attn1.to_v"), ("attn2.to_k", "attn2.to_v")],  # attn2's q reads the image
+    "sd3": [("attn.to_q", "attn.to_k", "attn.to_v"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+            ("attn2.to_q", "attn2.to_k", "attn2.to_v")],  # block 0 has SD3.5's second attention
+    "flux": [[("attn.to_q", "attn.to_k", "attn.to_v"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")],
+             [("proj_mlp", "attn.to_q", "attn.to_k", "attn.to_v")]],  # a single-stream block: one normalised input
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_lora_shares_the_products_of_layers_that_read_one_tensor_and_computes_what_separate_layers_do(name):
+    family = family_of(make(name))
+    models = {}
+    for products in ("separate", "shared"):
+        model = make(name).double().requires_grad_(False)
+        sequence = resolve_block_sequence(model, list(family.blocks))
+        inject_block_lora(model, sequence, rank=2)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for parameter_name, parameter in model.named_parameters():
+                if "lora_" in parameter_name:
+                    parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+        if products == "separate":
+            for module in model.modules():
+                if isinstance(module, LoRALinear):
+                    module.shared_input = None
+        models[products] = model
+
+    shared = models["shared"]
+    for path, expected_groups in zip(family.blocks, SHARED_GROUPS[name], strict=False) if name == "flux" else \
+            [(family.blocks[0], SHARED_GROUPS[name])]:
+        block = shared.get_submodule(path)[0]
+        names_of = {id(module): module_name for module_name, module in block.named_modules()}
+        actual = {tuple(sorted(names_of[id(layer)] for layer in module.shared_input.layers))
+                  for module in block.modules() if isinstance(module, LoRALinear) and module.shared_input is not None}
+        assert actual == {tuple(sorted(group)) for group in expected_groups}
+
+    inputs = {key: value.double() if torch.is_tensor(value) and value.is_floating_point() else value
+              for key, value in inputs_for(name, seed=2).items()}
+    results = {}
+    for products, model in models.items():
+        hidden = inputs["hidden_states"].clone().requires_grad_()
+        output = model(**{**inputs, "hidden_states": hidden}).sample
+        nodes = graph_node_names(output)
+        output.pow(2).sum().backward()
+        adapters = {key: parameter.grad for key, parameter in model.named_parameters() if parameter.requires_grad}
+        results[products] = (output.detach(), hidden.grad, adapters, nodes.count("SharedInputLoRAFunctionBackward"))
+    blocks = sum(family.block_counts(shared))
+    expected_products = {"dit": blocks, "pixart": 2 * blocks, "sd3": 3 * 2 + 2 * 2,  # blocks 0 and 2: dual attention
+                         "flux": 2 * 2 + 4}[name]
+    assert (results["separate"][3], results["shared"][3]) == (0, expected_products)
+    torch.testing.assert_close(results["shared"][0], results["separate"][0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(results["shared"][1], results["separate"][1], rtol=1e-10, atol=1e-10)
+    assert results["shared"][2].keys() == results["separate"][2].keys()
+    for key in results["separate"][2]:
+        torch.testing.assert_close(results["shared"][2][key], results["separate"][2][key], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("target", [None, ["to_q", "timestep_embedder.linear_1"]])
+def test_the_weight_update_takes_the_familys_lora_target_unless_given_one(target, tmp_path):
+    module = UserModule("dit")
+    update = CoOptimizedWeightUpdate(method="lora", rank=2, target=target)
+    mask = DifferentiableBlockMask("transformer.transformer_blocks", pattern=[[1, 1], [1, 3]], plot=False)
+    trainer = quick_trainer(tmp_path, max_steps=1, callbacks=[mask, update])
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(torch.arange(1)), batch_size=1))
+    per_block = sorted({name.partition(".")[2] for name in update.wrapped_layers})
+    if target is None:  # the Linears of DiT's block; not the copy of the timestep embedder each block holds
+        assert per_block == sorted(["norm1.linear", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                                    "ff.net.0.proj", "ff.net.2"])
+        assert family_of(module.transformer).lora_target == family_of(DiffusersDiT(make("dit"))).lora_target
+    else:
+        assert per_block == ["attn1.to_q", "norm1.emb.timestep_embedder.linear_1"]
+    assert len(update.wrapped_layers) == 4 * len(per_block)

@@ -1,10 +1,21 @@
 """LoRALinear and inject_lora/remove_lora: identity at start, the maths of forward, merge, in-place wrapping."""
 
+import contextlib
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 
-from tinyfusion_pl.pruning.lora import LoRALinear, LoRALinearFunction, inject_lora, remove_lora
+from tinyfusion_pl.pruning.lora import (
+    LoRALinear,
+    LoRALinearFunction,
+    SharedInputLoRA,
+    SharedInputLoRAFunction,
+    inject_lora,
+    remove_lora,
+    share_lora_inputs,
+)
 
 
 class ToyBlock(nn.Module):
@@ -333,3 +344,135 @@ def test_inject_lora_leaves_multihead_attention_projections_alone():
     with torch.no_grad():
         layer.linear2.lora_b.weight.normal_()  # not a constant: LayerNorm would remove a per-token shift
     assert not torch.allclose(layer(x), expected)  # the adapters take part in the forward
+
+
+# ---------------------------------------------------------------------------- layers that read one input
+
+
+class Projections(nn.Module):
+    """q, k and v of an attention: k and v read `context` (x when None), as self- or cross-attention."""
+
+    def __init__(self, width=5, out=(4, 4, 6), bias=True):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = (nn.Linear(width, size, bias=bias).double() for size in out)
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        return self.to_q(x), self.to_k(context), self.to_v(context)
+
+
+def separate_and_shared(ranks=(2, 2, 2), dropout=0.0, **kwargs):
+    """The same randomised q/k/v LoRA layers twice: computed separately, and joined in a SharedInputLoRA."""
+    torch.manual_seed(0)
+    separate = Projections(**kwargs)
+    for name, rank in zip(("to_q", "to_k", "to_v"), ranks, strict=True):
+        setattr(separate, name, LoRALinear(getattr(separate, name), rank=rank, alpha=4, dropout=dropout))
+    randomize_adapters(separate)
+    shared = copy.deepcopy(separate)
+    share_lora_inputs(shared, [("to_q", "to_k", "to_v")])
+    assert separate.to_q.shared_input is None and shared.to_q.shared_input is shared.to_k.shared_input
+    return separate, shared
+
+
+def outputs_and_gradients(module, *inputs):
+    """The outputs, and the gradients of a weighted sum of them for the inputs and every trainable parameter."""
+    leaves = [tensor.detach().clone().requires_grad_() for tensor in inputs]
+    outputs = module(*leaves)
+    generator = torch.Generator().manual_seed(5)
+    loss = sum((output * torch.randn(output.shape, generator=generator, dtype=output.dtype)).sum() for output in outputs)
+    trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    gradients = torch.autograd.grad(loss, [*leaves, *trainable])
+    return [output.detach() for output in outputs], gradients
+
+
+def test_shared_input_function_gradients_match_finite_differences():
+    generator = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, requires_grad=True):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_(requires_grad)
+
+    x = leaf(2, 3, 5)
+    weights = [leaf(4, 5, requires_grad=False), leaf(6, 5, requires_grad=False)]
+    biases = [leaf(4, requires_grad=False), leaf(6, requires_grad=False)]
+    lora_as, lora_bs = [leaf(2, 5), leaf(3, 5)], [leaf(4, 2), leaf(6, 3)]  # ranks 2 and 3
+
+    def function(x, a_1, a_2, b_1, b_2):
+        return SharedInputLoRAFunction.apply(x, (1.5, 0.5), *weights, *biases, a_1, a_2, b_1, b_2)
+
+    assert torch.autograd.gradcheck(function, (x, *lora_as, *lora_bs))
+
+
+def product_nodes(outputs):
+    """The autograd nodes that computed `outputs`, by name: one SharedInputLoRAFunction for a shared product."""
+    return [(type(output.grad_fn).__name__, id(output.grad_fn)) for output in outputs]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("ranks", [(2, 2, 2), (1, 2, 3)])
+def test_shared_input_layers_compute_the_outputs_and_gradients_of_the_separate_layers(bias, ranks):
+    separate, shared = separate_and_shared(ranks=ranks, bias=bias)
+    x = torch.randn(3, 7, 5, dtype=torch.float64, requires_grad=True)
+    nodes = product_nodes(shared(x))
+    assert {name for name, _ in nodes} == {"SharedInputLoRAFunctionBackward"} and len(set(nodes)) == 1, \
+        "one product for the three layers"
+    expected, got = outputs_and_gradients(separate, x), outputs_and_gradients(shared, x)
+    for expected_tensor, got_tensor in zip([*expected[0], *expected[1]], [*got[0], *got[1]], strict=True):
+        torch.testing.assert_close(got_tensor, expected_tensor, rtol=1e-12, atol=1e-12)
+
+
+def test_shared_input_layers_called_on_other_tensors_compute_each_layer_alone():
+    separate, shared = separate_and_shared()
+    x, context = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    # Cross-attention: q reads x, k and v the context (k's pending output on x is not taken).
+    expected, got = outputs_and_gradients(separate, x, context), outputs_and_gradients(shared, x, context)
+    for expected_tensor, got_tensor in zip([*expected[0], *expected[1]], [*got[0], *got[1]], strict=True):
+        torch.testing.assert_close(got_tensor, expected_tensor, rtol=1e-12, atol=1e-12)
+    # The same tensor modified in place between two calls is another input.
+    y = x.clone()
+    query = shared.to_q(y)
+    y.mul_(2)
+    torch.testing.assert_close(shared.to_k(y), separate.to_k(y), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(query, separate.to_q(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("state", ["merged", "dropout", "trainable base", "inference"])
+def test_shared_input_layers_fall_back_to_separate_layers_where_one_product_would_differ(state):
+    separate, shared = separate_and_shared(dropout=0.3 if state == "dropout" else 0.0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    if state == "merged":
+        shared.to_k.merge()
+        separate.to_k.merge()
+    if state == "trainable base":
+        shared.to_v.base_layer.weight.requires_grad_(True)
+    context = torch.inference_mode() if state == "inference" else contextlib.nullcontext()
+    with context:
+        torch.manual_seed(3)
+        got = shared(x)
+        torch.manual_seed(3)
+        expected = separate(x)
+    for expected_tensor, got_tensor in zip(expected, got, strict=True):
+        torch.testing.assert_close(got_tensor, expected_tensor, rtol=1e-12, atol=1e-12)
+    if state != "inference":
+        assert "SharedInputLoRAFunctionBackward" not in {name for name, _ in product_nodes(got)}
+
+
+def test_share_lora_inputs_skips_layers_without_adapters_and_refuses_mixed_widths():
+    torch.manual_seed(0)
+    module = Projections()
+    module.to_q = LoRALinear(module.to_q, rank=2)
+    module.to_k = LoRALinear(module.to_k, rank=2)  # to_v left out (a target without it)
+    groups = share_lora_inputs(module, [("to_q", "to_k", "to_v"), ("to_v", "missing")])
+    assert len(groups) == 1 and groups[0].layers == [module.to_q, module.to_k]
+    with pytest.raises(ValueError, match=r"layers that read one input have one input width"):
+        SharedInputLoRA([LoRALinear(nn.Linear(3, 2)), LoRALinear(nn.Linear(4, 2))])
+
+
+def test_a_model_with_shared_input_layers_deep_copies_and_unwraps_to_plain_linears():
+    _, shared = separate_and_shared()
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    shared.to_q(x)  # k and v now hold pending outputs
+    copied = copy.deepcopy(shared)
+    assert copied.to_q.shared_input.layers == [copied.to_q, copied.to_k, copied.to_v]
+    torch.testing.assert_close(copied(x), shared(x))
+    remove_lora(shared)
+    assert all(type(layer) is nn.Linear for layer in (shared.to_q, shared.to_k, shared.to_v))

@@ -21,11 +21,16 @@ SHRUNKEN = ["pretrain.max_steps=4", "pruning.max_steps=4", "pruning.calibration_
 
 # MAR has an encoder and a decoder depth instead of `depth`: 2 + 2 blocks make the same 4-block sequence.
 MAR_SHRUNKEN = ["~model.depth", "++model.encoder_depth=2", "++model.decoder_depth=2"]
+# The text-conditioned diffusers models (a stand-in caption per digit) take about 20 s of CPU each, as
+# diffusers_digits does: they run with -m slow.
+TEXT_CONDITIONED = [pytest.param(name, marks=pytest.mark.slow)
+                    for name in ("diffusers_pixart_digits", "diffusers_sd3_digits", "diffusers_flux_digits")]
 
 
-@pytest.fixture(scope="module", params=["dit_digits", "sit_digits", "diffusers_digits", "mar_digits"])
+@pytest.fixture(scope="module", params=["dit_digits", "sit_digits", "diffusers_digits", "mar_digits",
+                                        *TEXT_CONDITIONED])
 def pipeline_run(request, tmp_path_factory):
-    """The DiT default, the SiT default (SiT with flow matching), a diffusers DiT and the MAR default (MAR's
+    """The DiT default, the SiT default (SiT with flow matching), the diffusers models and the MAR default (MAR's
     objective and generation), shrunk to seconds."""
     run_dir, cache_dir = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("cache")
     experiment = [] if request.param == "dit_digits" else [f"experiment={request.param}"]
@@ -123,6 +128,19 @@ def test_each_family_trains_samples_and_exports_with_its_own_objective(pipeline_
         assert decision["checkpoint"] == "pruned" and decision["blocks"] == "model.transformer_blocks"
         config = json.loads((run_dir / "prune" / "pruned" / "config.json").read_text())
         assert config["_class_name"] == "DiTTransformer2DModel" and config["num_layers"] == 2
+    elif "DiffusersPixArt" in report or "DiffusersSD3" in report:  # text-conditioned, one block list
+        config = json.loads((run_dir / "prune" / "pruned" / "config.json").read_text())
+        pixart = "DiffusersPixArt" in report
+        assert config["_class_name"] == ("PixArtTransformer2DModel" if pixart else "SD3Transformer2DModel")
+        assert config["num_layers"] == 2 and evaluation["settings"]["method"] == ("ddim" if pixart else "heun")
+        if not pixart:
+            assert 3 in decision["kept_blocks"], "SD3's context-pre-only last block stays"
+    elif "DiffusersFlux" in report:  # two block lists pruned as one sequence, flow matching
+        assert decision["blocks"] == ["model.transformer_blocks", "model.single_transformer_blocks"]
+        config = json.loads((run_dir / "prune" / "pruned" / "config.json").read_text())
+        assert config["_class_name"] == "FluxTransformer2DModel"
+        assert config["num_layers"] + config["num_single_layers"] == 2
+        assert evaluation["settings"]["method"] == "heun"
     else:  # Gaussian diffusion: DDIM with pixel clipping; the export is a DiT
         assert evaluation["settings"]["method"] == "ddim" and evaluation["settings"]["clip_denoised"] is True
         shallow = dit_from_checkpoint(run_dir / "prune" / "pruned.pt")

@@ -20,7 +20,7 @@ from tinyfusion_pl.pruning.containers import (
     describe_paths,
     resolve_block_sequence,
 )
-from tinyfusion_pl.pruning.lora import LoRALinear, inject_lora, lora_argument_problems, remove_lora
+from tinyfusion_pl.pruning.lora import LoRALinear, inject_block_lora, lora_argument_problems, remove_lora
 
 METHODS = ("lora", "full", "frozen")
 
@@ -33,6 +33,10 @@ class CoOptimizedWeightUpdate(L.Callback):
     freezes every original weight so that only the block gates learn. When fit ends (or fails) the model
     gets its original weights, plain Linear layers and requires_grad flags back (the paper's choice);
     merge=True keeps the learned update in the weights instead.
+
+    `target` names the Linears LoRA adapts (names or dotted name endings); by default the model family's choice:
+    every Linear of the blocks, except in diffusers' DiT, whose blocks each hold a copy of the timestep/label
+    embedder that DiT keeps outside its blocks: there the Linears of DiT's own block. A given target wins.
 
     blocks=None (the default) adapts exactly the blocks of the DifferentiableBlockMask in the same Trainer,
     so the path is written once, on the mask; give `blocks` (one path or a list) to adapt others.
@@ -95,16 +99,8 @@ class CoOptimizedWeightUpdate(L.Callback):
         self.wrapped_layers = []
         if self.method == "lora":
             # Wrapped before freezing, so that each wrapper records its layer's own flags for an export.
-            # Several containers go under one temporary root, so that each `target` must match in one of
-            # them, not in each (Flux's single-stream blocks lack the double-stream blocks' feed-forwards).
-            root = sequence.containers[0] if len(sequence.paths) == 1 else nn.ModuleDict(
-                {str(index): container for index, container in enumerate(sequence.containers)}
-            )
-            names = inject_lora(root, rank=self.rank, alpha=self.alpha, dropout=self.dropout, target=self.target)
-            # Names relative to the container; prefixed with its path when there are several.
-            self.wrapped_layers = names if len(sequence.paths) == 1 else [
-                f"{sequence.paths[int(index)]}.{name}" for index, _, name in (name.partition(".") for name in names)
-            ]
+            self.wrapped_layers = inject_block_lora(pl_module, sequence, rank=self.rank, alpha=self.alpha,
+                                                    dropout=self.dropout, target=self.target)
         if self.method in ("lora", "frozen"):
             adapters = {id(p) for container in sequence.containers for m in container.modules()
                         if isinstance(m, LoRALinear) for p in m.adapters()}

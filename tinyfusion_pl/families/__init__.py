@@ -11,6 +11,9 @@ import torch.nn as nn
 from tinyfusion_pl.families.base import BlockStreams, ModelFamily
 from tinyfusion_pl.families.diffusers import (
     DiffusersDiTFamily,
+    DiffusersFluxFamily,
+    DiffusersPixArtFamily,
+    DiffusersSD3Family,
     DiTTransformerFamily,
     FluxTransformerFamily,
     PixArtTransformerFamily,
@@ -24,7 +27,7 @@ from tinyfusion_pl.families.sit import SiTFamily
 FAMILIES: tuple[ModelFamily, ...] = (
     DiTFamily(), SiTFamily(), MARFamily(),
     DiTTransformerFamily(), PixArtTransformerFamily(), SD3TransformerFamily(), FluxTransformerFamily(),
-    DiffusersDiTFamily(),
+    DiffusersDiTFamily(), DiffusersPixArtFamily(), DiffusersSD3Family(), DiffusersFluxFamily(),
 )
 
 

@@ -56,6 +56,9 @@ class ModelFamily:
     # name of the only objective (conf/objective/<name>.yaml) that can (MAR: "mar", which masks tokens and runs
     # the diffusion head); generic code that calls the net itself goes through that objective.
     own_objective: ClassVar[str | None] = None
+    # The Linear layers of a block that the LoRA weight update adapts when the user names none (names or dotted
+    # name endings, as CoOptimizedWeightUpdate's `target`); None: every Linear of the blocks, the paper's choice.
+    lora_target: ClassVar[tuple[str, ...] | None] = None
 
     def describes(self, cls: type) -> bool:
         """Whether instances of exactly `cls` are this family's models."""
@@ -95,6 +98,14 @@ class ModelFamily:
     def block_streams(self, container_index: int) -> BlockStreams | None:
         """The streams of the blocks in container `container_index`; None for blocks with one hidden state."""
         return None
+
+    def shared_input_linears(self, block: nn.Module) -> list[tuple[str, ...]]:
+        """Names under `block` of Linear layers that its forward always calls on one tensor, one tuple per group.
+
+        The LoRA weight update shares the products of each group (tinyfusion_pl.pruning.lora.SharedInputLoRA),
+        with the same outputs and gradients as separate layers. None here: DiT's qkv is one Linear already.
+        """
+        return []
 
     def required_blocks(self, net: nn.Module) -> tuple[int, ...]:
         """Global indices of blocks that every exportable decision keeps (check_kept_blocks says why)."""

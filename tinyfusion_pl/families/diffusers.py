@@ -23,6 +23,9 @@ from tinyfusion_pl.io import atomic_folder
 from tinyfusion_pl.models.checkpoints import load_dit_state_dict
 from tinyfusion_pl.models.diffusers import (
     DiffusersDiT,
+    DiffusersFlux,
+    DiffusersPixArt,
+    DiffusersSD3,
     build_diffusers,
     from_pretrained,
     import_diffusers,
@@ -33,6 +36,21 @@ from tinyfusion_pl.models.diffusers import (
 # text tokens and return them the other way round: `encoder_hidden_states, hidden_states = block(...)`.
 JOINT_STREAMS = BlockStreams(inputs=("hidden_states", "encoder_hidden_states"),
                              outputs=("encoder_hidden_states", "hidden_states"))
+
+
+def attention_projection_groups(block: nn.Module) -> list[tuple[str, ...]]:
+    """The projections of every diffusers attention in `block` that read one tensor: q, k and v of a self-attention
+    (k and v of a cross-attention, whose q reads the image tokens), and the text-token q, k and v of a joint one."""
+    groups = []
+    for name, module in block.named_modules():
+        prefix = f"{name}." if name else ""
+        if all(isinstance(getattr(module, projection, None), nn.Module) for projection in ("to_q", "to_k", "to_v")):
+            projections = ("to_k", "to_v") if getattr(module, "is_cross_attention", False) else ("to_q", "to_k", "to_v")
+            groups.append(tuple(prefix + projection for projection in projections))
+        added = ("add_q_proj", "add_k_proj", "add_v_proj")
+        if all(isinstance(getattr(module, projection, None), nn.Module) for projection in added):
+            groups.append(tuple(prefix + projection for projection in added))
+    return groups
 
 
 def save_pretrained_folder(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -85,6 +103,9 @@ class DiffusersTransformerFamily(SavedAsFolder):
         """Whether instances of exactly `cls` are this family's models (by name and package: nothing imported)."""
         return cls.__name__ == self.class_name and cls.__module__.partition(".")[0] == "diffusers"
 
+    def shared_input_linears(self, block: nn.Module) -> list[tuple[str, ...]]:
+        return attention_projection_groups(block)
+
     # ---------------------------------------------------------------- structure
     def architecture(self, net: nn.Module) -> dict[str, Any]:
         return {key: value for key, value in net.config.items() if not key.startswith("_")}
@@ -129,6 +150,9 @@ class DiTTransformerFamily(DiffusersTransformerFamily):
 
     name = "dit_transformer_2d"
     class_name = "DiTTransformer2DModel"
+    # The Linears of facebookresearch/DiT's block (qkv split in three): every block also holds a copy of the
+    # timestep/label embedder, which DiT keeps outside its blocks, so "every Linear" would adapt it there too.
+    lora_target = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear")
 
     def required_blocks(self, net: nn.Module) -> tuple[int, ...]:
         blocks = net.transformer_blocks
@@ -197,6 +221,14 @@ class FluxTransformerFamily(DiffusersTransformerFamily):
     def block_streams(self, container_index: int) -> BlockStreams | None:
         return JOINT_STREAMS
 
+    def shared_input_linears(self, block: nn.Module) -> list[tuple[str, ...]]:
+        groups = super().shared_input_linears(block)
+        if isinstance(getattr(block, "proj_mlp", None), nn.Module):
+            # A single-stream block feeds one normalised tensor to its MLP and to its attention's q, k and v.
+            groups = [("proj_mlp", *group) if group == ("attn.to_q", "attn.to_k", "attn.to_v") else group
+                      for group in groups]
+        return groups
+
 
 #################################################################################
 #                  Their adapters to net(x, t, **condition)                      #
@@ -204,7 +236,8 @@ class FluxTransformerFamily(DiffusersTransformerFamily):
 
 
 class DiffusersDenoiserFamily(SavedAsFolder):
-    """A DiffusersDenoiser: its diffusers model's family with every path under `model.`, called the project's way."""
+    """A DiffusersDenoiser: its diffusers model's family with every path under `model.`, called the project's way,
+    conditioned on class labels (the text-conditioned ones through a caption per class)."""
 
     transformer: ClassVar[DiffusersTransformerFamily]
 
@@ -212,6 +245,7 @@ class DiffusersDenoiserFamily(SavedAsFolder):
         super().__init_subclass__(**kwargs)
         cls.blocks = tuple(f"model.{path}" for path in cls.transformer.blocks)
         cls.depth_arguments = cls.transformer.depth_arguments
+        cls.lora_target = cls.transformer.lora_target
 
     # ---------------------------------------------------------------- structure
     def architecture(self, net: nn.Module) -> dict[str, Any]:
@@ -220,8 +254,14 @@ class DiffusersDenoiserFamily(SavedAsFolder):
     def build(self, **architecture: Any) -> nn.Module:
         return build_diffusers(**architecture)
 
+    def sample_shape(self, net: nn.Module) -> tuple[int, ...]:
+        return tuple(net.sample_shape)
+
     def block_streams(self, container_index: int) -> BlockStreams | None:
         return self.transformer.block_streams(container_index)
+
+    def shared_input_linears(self, block: nn.Module) -> list[tuple[str, ...]]:
+        return self.transformer.shared_input_linears(block)
 
     def required_blocks(self, net: nn.Module) -> tuple[int, ...]:
         return self.transformer.required_blocks(net.model)
@@ -231,6 +271,16 @@ class DiffusersDenoiserFamily(SavedAsFolder):
 
     def after_depth_change(self, net: nn.Module, block_counts: Sequence[int]) -> None:
         self.transformer.after_depth_change(net.model, block_counts)
+
+    # ---------------------------------------------------------------- conditioning: class labels, with a null label
+    def num_classes(self, net: nn.Module) -> int | None:
+        return net.num_classes
+
+    def null_label(self, net: nn.Module) -> int:
+        return net.num_classes
+
+    def label_dropout(self, net: nn.Module) -> float:
+        return net.class_dropout_prob
 
     # ---------------------------------------------------------------- saving and loading
     def load(self, checkpoint: str | os.PathLike | Mapping[str, Any], like: nn.Module, prefer: str = "ema") -> nn.Module:
@@ -247,19 +297,6 @@ class DiffusersDiTFamily(DiffusersDenoiserFamily):
     model_class = DiffusersDiT
     transformer = DiTTransformerFamily()
 
-    def sample_shape(self, net: nn.Module) -> tuple[int, ...]:
-        config = net.model.config
-        return (config.in_channels, config.sample_size, config.sample_size)
-
-    def num_classes(self, net: nn.Module) -> int | None:
-        return net.num_classes
-
-    def null_label(self, net: nn.Module) -> int:
-        return net.num_classes
-
-    def label_dropout(self, net: nn.Module) -> float:
-        return net.class_dropout_prob
-
     def load_state_dict(self, net: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
         # Loading into one shared embedder would keep whichever block's copy comes last: unshare, load, reshare.
         net.unshare_embedders()
@@ -267,10 +304,37 @@ class DiffusersDiTFamily(DiffusersDenoiserFamily):
         net.share_embedders()
 
 
+class DiffusersPixArtFamily(DiffusersDenoiserFamily):
+    """DiffusersPixArt: PixArt on the caption of each class label, `net(x, t, y, force_drop_ids)`."""
+
+    name = "diffusers_pixart"
+    model_class = DiffusersPixArt
+    transformer = PixArtTransformerFamily()
+
+
+class DiffusersSD3Family(DiffusersDenoiserFamily):
+    """DiffusersSD3: SD3's MMDiT on the caption of each class label, in the project's flow matching convention."""
+
+    name = "diffusers_sd3"
+    model_class = DiffusersSD3
+    transformer = SD3TransformerFamily()
+
+
+class DiffusersFluxFamily(DiffusersDenoiserFamily):
+    """DiffusersFlux: Flux on the caption of each class label, latents packed by the adapter, flow matching."""
+
+    name = "diffusers_flux"
+    model_class = DiffusersFlux
+    transformer = FluxTransformerFamily()
+
+
 __all__ = [
     "DiTTransformerFamily",
     "DiffusersDenoiserFamily",
     "DiffusersDiTFamily",
+    "DiffusersFluxFamily",
+    "DiffusersPixArtFamily",
+    "DiffusersSD3Family",
     "DiffusersTransformerFamily",
     "FluxTransformerFamily",
     "JOINT_STREAMS",

@@ -10,7 +10,14 @@ from tinyfusion_pl.pruning.containers import (
 )
 from tinyfusion_pl.pruning.export import prune_blocks
 from tinyfusion_pl.pruning.gates import BlockGates, straight_through_gumbel
-from tinyfusion_pl.pruning.lora import LoRALinear, inject_lora, remove_lora
+from tinyfusion_pl.pruning.lora import (
+    LoRALinear,
+    SharedInputLoRA,
+    inject_block_lora,
+    inject_lora,
+    remove_lora,
+    share_lora_inputs,
+)
 from tinyfusion_pl.pruning.patterns import BlockPattern, enumerate_options
 from tinyfusion_pl.pruning.selectors import bi_score, by_index, oracle, random_blocks, sensitivity
 
@@ -21,12 +28,14 @@ __all__ = [
     "BlockPattern",
     "BlockSequence",
     "LoRALinear",
+    "SharedInputLoRA",
     "bi_score",
     "by_index",
     "calibration_batches",
     "calibration_loss",
     "enumerate_options",
     "find_block_containers",
+    "inject_block_lora",
     "inject_lora",
     "oracle",
     "prune_blocks",
@@ -35,5 +44,6 @@ __all__ = [
     "resolve_block_container",
     "resolve_block_sequence",
     "sensitivity",
+    "share_lora_inputs",
     "straight_through_gumbel",
 ]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+
+from tinyfusion_pl.pruning.containers import BlockSequence, find_owner
 
 
 def lora_argument_problems(rank: int, alpha: float, dropout: float) -> list[str]:
@@ -102,6 +105,7 @@ class LoRALinear(nn.Module):
         # nn.Dropout(p=0) would still copy x in training mode; Identity costs nothing.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.shared_input: SharedInputLoRA | None = None  # set by share_lora_inputs
         self.base_requires_grad = {name: p.requires_grad for name, p in base_layer.named_parameters()}
         base_layer.requires_grad_(False)
         self.reset_adapters()
@@ -139,6 +143,12 @@ class LoRALinear(nn.Module):
         return self.scaling * delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared_input is not None:
+            return self.shared_input(self, x)
+        return self.separate_forward(x)
+
+    def separate_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This layer's output computed on its own (what forward does outside a SharedInputLoRA)."""
         if self.merged:
             return self.base_layer(x)
         # base_layer(x) + scaling * lora_b(lora_a(dropout(x))), computed by LoRALinearFunction.
@@ -177,10 +187,159 @@ class LoRALinear(nn.Module):
             self.unmerge()
         for name, parameter in self.base_layer.named_parameters():
             parameter.requires_grad_(self.base_requires_grad[name])
+        self.shared_input = None
         return self.base_layer
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+#################################################################################
+#                  LoRA layers that read one input, computed as one              #
+#################################################################################
+
+
+class SharedInputLoRAFunction(torch.autograd.Function):
+    """n LoRA layers on one input x: y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T, with the A products shared.
+
+    `scalings` holds each layer's alpha / rank s_i. Every layer keeps its own A and B and its own contiguous output;
+    what is shared is one GEMM for the stacked A's in forward, and in backward one GEMM for the A gradients and
+    one input gradient accumulated in place (x's gradient from n separate layers costs n - 1 more passes to sum,
+    and n thin products with A). The base weights are frozen (SharedInputLoRA falls back to separate layers
+    otherwise).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scalings, *tensors):
+        count = len(tensors) // 4
+        weights, biases, lora_as, lora_bs = (tensors[index * count:(index + 1) * count] for index in range(4))
+        inputs = x.reshape(-1, x.shape[-1])  # (M, in)
+        lora_a = torch.cat(lora_as)  # (sum rank, in)
+        ranks = [a.shape[0] for a in lora_as]
+        scaling = scalings[0] if len(set(scalings)) == 1 else torch.tensor(  # one factor per bottleneck column
+            [value for value, rank in zip(scalings, ranks, strict=True) for _ in range(rank)],
+            dtype=x.dtype, device=x.device)
+        bottleneck = (lora_a @ inputs.t()).t() * scaling  # (M, sum rank)
+        bottlenecks = bottleneck.split(ranks, dim=1)  # n x (M, rank)
+        outputs = []
+        for weight, bias, lora_b, layer_bottleneck in zip(weights, biases, lora_bs, bottlenecks, strict=True):
+            out = inputs @ weight.t() if bias is None else torch.addmm(bias, inputs, weight.t())  # (M, out)
+            out.addmm_(layer_bottleneck, lora_b.t())
+            outputs.append(out.view(*x.shape[:-1], out.shape[-1]))  # (..., out)
+        ctx.save_for_backward(inputs, bottleneck, lora_a, *weights, *lora_bs)
+        ctx.scaling = scaling
+        ctx.ranks = ranks
+        ctx.input_shape = x.shape
+        return tuple(outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_outputs):
+        inputs, bottleneck, lora_a, *rest = ctx.saved_tensors
+        count = len(rest) // 2
+        weights, lora_bs = rest[:count], rest[count:]
+        grads = [g.reshape(-1, g.shape[-1]) for g in grad_outputs]  # n x (M, out)
+        grad_bottleneck = torch.cat([(lora_b.t() @ grad.t()).t() for lora_b, grad in zip(lora_bs, grads, strict=True)],
+                                    dim=1) * ctx.scaling  # (M, sum rank): d loss / d (x A^T)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grads[0] @ weights[0]  # (M, in)
+            for grad, weight in zip(grads[1:], weights[1:], strict=True):
+                grad_x.addmm_(grad, weight)
+            grad_x = grad_x.addmm_(grad_bottleneck, lora_a).view(ctx.input_shape)  # (..., in)
+        grad_as = (grad_bottleneck.t() @ inputs).split(ctx.ranks)  # n x (rank, in)
+        grad_bs = [(layer_bottleneck.t() @ grad).t()  # (out, rank)
+                   for layer_bottleneck, grad in zip(bottleneck.split(ctx.ranks, dim=1), grads, strict=True)]
+        return grad_x, None, *([None] * 2 * count), *grad_as, *grad_bs
+
+
+class SharedInputLoRA:
+    """LoRALinear layers that their block always calls on the same input (e.g. attention's q, k and v projections).
+
+    Each layer's forward comes here: the first call computes every layer's output on its input in one
+    SharedInputLoRAFunction and keeps the others' outputs; a later call of another layer on that same tensor
+    (same object, unmodified) takes its output. Any other call, a merged layer, adapter dropout (one draw per
+    layer) or trainable base weights compute the layer on its own, so outputs and gradients are those of the
+    separate layers in every case.
+    """
+
+    def __init__(self, layers: Sequence[LoRALinear]):
+        if len(layers) < 2 or len({id(layer) for layer in layers}) != len(layers):
+            raise ValueError(f"a SharedInputLoRA joins at least two different LoRALinear layers, got {len(layers)}.")
+        widths = {layer.in_features for layer in layers}
+        if len(widths) != 1:
+            raise ValueError(f"layers that read one input have one input width; these have {sorted(widths)}.")
+        self.layers = list(layers)
+        self._input: weakref.ref | None = None
+        self._input_version = -1
+        self._pending: dict[LoRALinear, torch.Tensor] = {}
+        for layer in self.layers:
+            layer.shared_input = self
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles of a model take the grouping, not outputs pending in the middle of a forward.
+        return {"layers": self.layers}
+
+    def __setstate__(self, state: dict) -> None:
+        self.layers = state["layers"]
+        self._input, self._input_version, self._pending = None, -1, {}
+
+    def fusable(self) -> bool:
+        """Whether the shared products compute exactly what the separate layers do now."""
+        first = self.layers[0]
+        return all(
+            not layer.merged and isinstance(layer.dropout, nn.Identity) and (layer.bias is None) == (first.bias is None)
+            and not any(p.requires_grad for p in layer.base_layer.parameters())
+            for layer in self.layers
+        )
+
+    def __call__(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        pending = self._pending.pop(layer, None)
+        same_input = self._input is not None and self._input() is x and x._version == self._input_version
+        if pending is not None and same_input:
+            if not self._pending:
+                self._input = None
+            return pending
+        if x.is_inference() or not self.fusable():  # inference tensors keep no version to check reuse by
+            return layer.separate_forward(x)
+        weights = [member.base_layer.weight for member in self.layers]
+        biases = [member.base_layer.bias for member in self.layers]
+        lora_as = [member.lora_a.weight for member in self.layers]
+        lora_bs = [member.lora_b.weight for member in self.layers]
+        tensors = [x, *weights, *biases, *lora_as, *lora_bs]
+        device_type = x.device.type
+        if device_type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)  # what F.linear does under autocast
+            tensors = [None if tensor is None else tensor.to(dtype) for tensor in tensors]
+        scalings = tuple(member.scaling for member in self.layers)
+        outputs = SharedInputLoRAFunction.apply(tensors[0], scalings, *tensors[1:])
+        self._input, self._input_version = weakref.ref(x), x._version
+        self._pending = {member: output for member, output in zip(self.layers, outputs, strict=True)
+                         if member is not layer}
+        return outputs[self.layers.index(layer)]
+
+
+def share_lora_inputs(root: nn.Module, groups: Sequence[Sequence[str]]) -> list[SharedInputLoRA]:
+    """Join the LoRALinear layers named in each group (names under `root`) into a SharedInputLoRA; return them.
+
+    A group says its layers are always called on the same tensor, e.g. ("attn.to_q", "attn.to_k", "attn.to_v")
+    in a self-attention block. Names that are not LoRA layers (left out by a `target`) drop out of their group;
+    a group left with fewer than two layers is skipped.
+    """
+    shared = []
+    for group in groups:
+        layers = [module for name in group if isinstance(module := _find_module(root, name), LoRALinear)]
+        layers = list({id(layer): layer for layer in layers}.values())
+        if len(layers) >= 2 and not any(layer.shared_input is not None for layer in layers):
+            shared.append(SharedInputLoRA(layers))
+    return shared
+
+
+def _find_module(root: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _replace_child(root: nn.Module, qualified_name: str, new_module: nn.Module) -> None:
@@ -243,6 +402,56 @@ def inject_lora(
 
 def _matches(name: str, targets: Sequence[str]) -> bool:
     return any(name == suffix or name.endswith("." + suffix) for suffix in targets)
+
+
+def block_lora_target(root: nn.Module, sequence: BlockSequence) -> list[str] | None:
+    """The LoRA target of the model family that owns the containers of `sequence`; None (every Linear) without one."""
+    targets = []
+    for path in sequence.paths:
+        found = find_owner(root, path)
+        targets.append(None if found is None else found[1].lora_target)
+    if any(target is None for target in targets):
+        return None
+    return list(dict.fromkeys(name for target in targets for name in target))
+
+
+def inject_block_lora(
+    root: nn.Module,
+    sequence: BlockSequence,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    target: Sequence[str] | None = None,
+) -> list[str]:
+    """LoRA on the blocks of `sequence` (containers under `root`), as the co-optimized weight update puts it.
+
+    target=None takes the target of the model family that owns the containers (e.g. diffusers' DiT: the Linears
+    of facebookresearch/DiT's block, not the embedder copy in every block), or every Linear of the blocks
+    without one; a given target wins and must name a Linear in some container. Linears the family says a block
+    calls on one tensor share their products (share_lora_inputs). Returns the wrapped layers' names: relative to
+    the container for one container, prefixed with its path for several.
+    """
+    if target is None:
+        target = block_lora_target(root, sequence)
+    # Several containers go under one temporary root, so that each `target` must match in one of them, not in
+    # each (Flux's single-stream blocks lack the double-stream blocks' feed-forwards).
+    single = len(sequence.paths) == 1
+    lora_root = sequence.containers[0] if single else nn.ModuleDict(
+        {str(index): container for index, container in enumerate(sequence.containers)}
+    )
+    names = inject_lora(lora_root, rank=rank, alpha=alpha, dropout=dropout, target=target)
+    groups = []
+    for index, (path, container) in enumerate(zip(sequence.paths, sequence.containers, strict=True)):
+        found = find_owner(root, path)
+        if found is None:
+            continue
+        prefix = "" if single else f"{index}."
+        groups += [tuple(f"{prefix}{block_index}.{name}" for name in group)
+                   for block_index, block in enumerate(container) for group in found[1].shared_input_linears(block)]
+    share_lora_inputs(lora_root, groups)
+    if single:
+        return names
+    return [f"{sequence.paths[int(index)]}.{name}" for index, _, name in (name.partition(".") for name in names)]
 
 
 def remove_lora(root: nn.Module, merge: bool = False) -> list[str]:
