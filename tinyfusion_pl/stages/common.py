@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from tinyfusion_pl import distributed
 from tinyfusion_pl.families import ModelFamily, family_of
 from tinyfusion_pl.io import save_json, save_torch, write_atomically
 from tinyfusion_pl.loggers import describe_offline_runs, log_images, wandb_loggers
@@ -36,6 +37,31 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
     path = Path(cfg.paths.run_dir) / stage
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def start_processes(cfg: DictConfig) -> None:
+    """Start the processes the `trainer` group asks for (one per device and node) before any stage runs.
+
+    Every rank then runs the stages in step and writes into rank zero's run folder (ranks that torchrun or
+    srun started apart may have stamped their own folders with another second).
+    """
+    trainer = cfg.trainer
+    strategy = trainer.get("strategy")
+    target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
+    if "fsdp_strategy" in target or target.endswith("FSDPStrategy") or target == "fsdp":
+        if trainer.get("accelerator") in ("cpu",) or not torch.cuda.is_available():
+            raise ValueError(
+                "trainer=fsdp (Lightning's FSDPStrategy) needs CUDA GPUs, and this machine has none. On CPUs shard "
+                "with trainer=fsdp2 trainer.accelerator=cpu (FSDP2 over gloo), or replicate with trainer=ddp "
+                "trainer.accelerator=cpu."
+            )
+    if "spawn" in target or "notebook" in target:
+        raise ValueError(f"trainer.strategy={target} starts its processes inside trainer.fit, but every stage "
+                         "of train.py runs on every rank: use trainer.strategy=ddp.")
+    processes = distributed.start_processes(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"),
+                                            trainer.get("num_nodes", 1))
+    if processes is not None:
+        cfg.paths.run_dir = processes.broadcast(str(cfg.paths.run_dir), src=0)
 
 
 def build_loggers(cfg: DictConfig, stage: str) -> list[Logger]:
@@ -207,6 +233,11 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
             f"no full batch (data.batch_size={cfg.data.batch_size} is larger than the training split?). Lower "
             "data.batch_size; nothing was saved or cached."
         )
+    return distributed.on_rank_zero(save_pretrained_teacher, cfg, module, trainer, folder)
+
+
+def save_pretrained_teacher(cfg: DictConfig, module: DiffusionModule, trainer: L.Trainer, folder: Path) -> dict[str, Any]:
+    """What stage=pretrain writes once its fit ended (on global rank zero): the checkpoint, its cache entry, samples."""
     payload = checkpoint_payload(module, cfg)
     checkpoint = save_torch(payload, folder / "model.pt")
     save_torch(payload, cached_teacher_path(cfg))

@@ -10,6 +10,7 @@ import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tinyfusion_pl import distributed
 from tinyfusion_pl.callbacks.block_mask import DifferentiableBlockMask
 from tinyfusion_pl.callbacks.weight_update import CoOptimizedWeightUpdate
 from tinyfusion_pl.families import family_of
@@ -60,8 +61,12 @@ def learnable_selection(
     module = DiffusionModule(net, objective=instantiate(cfg.objective), lr=cfg.pruning.lr, ema_decay=None)
     trainer = build_trainer(cfg, "prune", max_steps=cfg.pruning.max_steps, callbacks=[mask, weight_update])
     trainer.fit(module, datamodule=datamodule)
-    log_images(trainer.loggers, {"prune/decision_dynamics": mask.plot_dynamics(folder / "decision_dynamics.png")})
-    finish_loggers(trainer.loggers, folder)
+
+    def plot_and_close() -> None:
+        log_images(trainer.loggers, {"prune/decision_dynamics": mask.plot_dynamics(folder / "decision_dynamics.png")})
+        finish_loggers(trainer.loggers, folder)
+
+    distributed.on_rank_zero(plot_and_close)
     return mask.decision()
 
 
@@ -110,7 +115,6 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
     teacher_path = resolve_teacher_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True)
     net = load_teacher(cfg)
-    family = family_of(net)
     datamodule = instantiate(cfg.data)
     objective = instantiate(cfg.objective)
     batches = calibration_batches(datamodule, cfg.pruning.calibration_batches, seed=cfg.seed)
@@ -118,6 +122,17 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
         decision = learnable_selection(cfg, net, datamodule, folder, callbacks)
     else:
         decision = baseline_selection(cfg, net, objective, batches)
+    # Every rank exports what rank zero exports: a decision that differs anywhere stops the run here.
+    distributed.check_same_on_every_rank(decision["kept_blocks"], "The pruning decision (kept_blocks)")
+    return distributed.on_rank_zero(export_decision, cfg, net, decision, objective, batches, folder, teacher_path)
+
+
+def export_decision(
+    cfg: DictConfig, net: nn.Module, decision: dict[str, Any], objective: Any, batches: list, folder: Path,
+    teacher_path: Path,
+) -> dict[str, Any]:
+    """Prune the teacher to the decision, measure its calibration loss, write pruned.pt and decision.json (once)."""
+    family = family_of(net)
     shallow = prune_blocks(net, blocks=family.block_argument(), keep=decision["kept_blocks"])
     decision.update(
         selector=cfg.pruning.selector,
