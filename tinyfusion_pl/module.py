@@ -77,6 +77,7 @@ class DiffusionModule(L.LightningModule):
             self.ema.requires_grad_(False)
         self.nonfinite_steps = 0
         self.attempted_steps = 0
+        self._skipping_step = False
         self._last_step_time: float | None = None
 
     # ------------------------------------------------------------------ training
@@ -111,17 +112,30 @@ class DiffusionModule(L.LightningModule):
             nonfinite = self.trainer.strategy.reduce(nonfinite, reduce_op="sum")
         return bool(nonfinite > 0)
 
-    def skip_step(self) -> None:
-        """Count and log a step whose loss is not finite; returning None makes Lightning skip the update.
+    def skip_step(self) -> torch.Tensor | None:
+        """Count and log a step whose loss is not finite, and make it change nothing.
 
-        A run whose steps are mostly non-finite stops (max_nonfinite_fraction): it has diverged, and skipping
-        on would only hide it.
+        One process returns None, which makes Lightning skip the update. Lightning refuses None under DDP, so
+        there every rank returns a zero loss that reaches each trainable parameter (DDP's gradient all-reduce
+        runs as on any step) and on_before_optimizer_step drops the gradients: the optimizer leaves every
+        parameter and its state as they were, as with None. A run whose steps are mostly non-finite stops
+        (max_nonfinite_fraction): it has diverged, and skipping on would only hide it.
         """
         self.nonfinite_steps += 1
         self.log("train/nonfinite_steps", float(self.nonfinite_steps))
         if self.attempted_steps >= NONFINITE_JUDGED_AFTER:
             self.check_nonfinite_share()
-        return None
+        self._skipping_step = True
+        if self.trainer.world_size == 1:
+            return None
+        return sum((parameter * 0).sum() for parameter in self.parameters() if parameter.requires_grad)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skipping_step:  # a skipped step: no gradient, so the optimizer moves nothing (gates included)
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.grad = None
+        self._skipping_step = False
 
     def on_train_end(self) -> None:
         if self.hparams.skip_nonfinite_steps and self.attempted_steps:  # short runs are judged at their end
