@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from tinyfusion_pl.objectives import DiffusionObjective
 # Keys of the `sampling` group that are not options of the objective's sampler.
 SAMPLING_SETTINGS = ("cfg_scale", "samples_per_class", "progress")
 JUDGES = ("digits", None)
+SWEEP_DIR_VARIABLE = "TINYFUSION_SWEEP_DIR"
 
 
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
@@ -58,16 +60,61 @@ def start_processes(cfg: DictConfig) -> None:
     if "spawn" in target or "notebook" in target:
         raise ValueError(f"trainer.strategy={target} starts its processes inside trainer.fit, but every stage "
                          "of train.py runs on every rank: use trainer.strategy=ddp.")
+    name_the_sweep_folder()
     processes = distributed.start_processes(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"),
                                             trainer.get("num_nodes", 1))
     if processes is not None:
         cfg.paths.run_dir = processes.broadcast(str(cfg.paths.run_dir), src=0)
 
 
+def name_the_sweep_folder() -> None:
+    """In a Hydra sweep, pass its folder to the ranks Lightning is about to start (conf/train.yaml reads it).
+
+    Lightning re-runs `python train.py -m ...` for them, so they run the same jobs in step; without this they
+    would stamp their own sweep folder with the second they started in.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        os.environ.setdefault(SWEEP_DIR_VARIABLE, str(HydraConfig.get().sweep.dir))
+
+
 def build_loggers(cfg: DictConfig, stage: str) -> list[Logger]:
-    """The `logger` group's loggers for one stage, writing into its folder."""
+    """The `logger` group's loggers for one stage, writing into its folder (W&B: grouped, see wandb_run_settings)."""
     root = stage_dir(cfg, stage)
-    return [instantiate(node, save_dir=str(root)) for node in (cfg.logger or {}).values()]
+    return [instantiate(node, save_dir=str(root), **(wandb_run_settings(cfg, node, stage) if is_wandb(node) else {}))
+            for node in (cfg.logger or {}).values()]
+
+
+WANDB_TARGETS = ("tinyfusion_pl.loggers.wandb_logger", "lightning.pytorch.loggers.WandbLogger",
+                 "lightning.pytorch.loggers.wandb.WandbLogger")
+
+
+def is_wandb(node: DictConfig) -> bool:
+    return node.get("_target_") in WANDB_TARGETS
+
+
+def wandb_run_settings(cfg: DictConfig, node: DictConfig, stage: str) -> dict[str, Any]:
+    """group, job_type and config of one stage's W&B run.
+
+    The stage runs of one run folder share a group (its path), and so do all jobs of a Hydra sweep (the sweep
+    folder's path), each with its overrides (the swept values among them) in its config. A group set in the
+    `logger` group wins. Only global rank zero ever creates the run (WandbLogger's experiment is rank-zero-only).
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    settings: dict[str, Any] = {"job_type": stage}
+    group, overrides = str(cfg.paths.run_dir), None
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        overrides = {key: value for key, _, value in (item.partition("=") for item in hydra.overrides.task)}
+        group = str(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else str(hydra.runtime.output_dir)
+        settings["config"] = {"overrides": overrides, "job": hydra.job.get("num")}
+    if node.get("group") is None:
+        settings["group"] = group
+    return settings
 
 
 def build_trainer(cfg: DictConfig, stage: str, max_steps: int, callbacks: list | None = None, **overrides: Any) -> L.Trainer:
