@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_stage_prune import compose_run
 from tinyfusion_pl.evaluation.digits_classifier import DigitsClassifier
 from tinyfusion_pl.evaluation.fid import digits_fid
+from tinyfusion_pl.stages import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,3 +128,31 @@ def test_the_pipeline_under_ddp_writes_one_folder_once_and_evaluates_like_one_pr
             assert np.array_equal(ddp["arr_0"], one["arr_0"]) and np.array_equal(ddp["labels"], one["labels"])
         assert metrics[name]["fid"] == pytest.approx(alone[name]["fid"], rel=1e-5)
         assert metrics[name]["conditional_accuracy"] == pytest.approx(alone[name]["conditional_accuracy"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
+def test_fsdp_on_a_machine_without_gpus_stops_before_anything_runs_and_names_the_fix(tmp_path):
+    cfg = compose_run(tmp_path / "run", tmp_path / "cache", "trainer=fsdp")
+    with pytest.raises(ValueError, match=r"trainer=fsdp \(Lightning's FSDPStrategy\) needs CUDA GPUs.*trainer=fsdp2 "
+                                         r"trainer.accelerator=cpu"):
+        run_stage(cfg)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_fsdp2_prunes_with_lora_on_two_ranks_and_exports_what_one_process_exports(tmp_path):
+    cache = tmp_path / "cache"
+    fsdp2 = tmp_path / "fsdp2"
+    train(tmp_path, cache, "experiment=smoke", "stage=prune", "trainer=fsdp2", "trainer.accelerator=cpu",
+          "trainer.devices=2", "trainer.precision=32-true", "trainer.enable_progress_bar=false",
+          f"hydra.run.dir={fsdp2}")
+    decision = json.loads((fsdp2 / "prune" / "decision.json").read_text())
+    assert decision["selector"] == "learnable"
+    # one process exports the same decision from the same teacher
+    alone = tmp_path / "alone"
+    train(tmp_path, cache, "experiment=smoke", "stage=prune", "pruning=by_index",
+          f"pruning.kept_blocks={decision['kept_blocks']}".replace(" ", ""), f"hydra.run.dir={alone}")
+    sharded = torch.load(fsdp2 / "prune" / "pruned.pt", weights_only=True)
+    plain = torch.load(alone / "prune" / "pruned.pt", weights_only=True)
+    assert sharded.keys() == plain.keys()
+    assert all(type(value) is torch.Tensor and torch.equal(value, plain[name]) for name, value in sharded.items())

@@ -188,6 +188,38 @@ class DiffusionModule(L.LightningModule):
         if self.ema is not None:
             self.ema.update_parameters(self.net)
 
+    # ------------------------------------------------------------------ sharding (trainer=fsdp2)
+    def configure_model(self) -> None:
+        """Under Lightning's ModelParallelStrategy: FSDP2 over the net, one unit per block of its family, and the
+        EMA copy alike (so that its update pairs shards with shards). Other strategies leave the module as it is."""
+        if self.device_mesh is None:
+            return
+        from tinyfusion_pl.strategies import shard_family_blocks
+
+        mesh = self.device_mesh["data_parallel"]
+        shard_family_blocks(self.net, mesh)
+        if self.ema is not None:
+            shard_family_blocks(self.ema.module, mesh)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if self.device_mesh is None or not gradient_clip_val or gradient_clip_algorithm not in (None, "norm"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        # FSDP2's weights are DTensors and a mask's gate logits plain tensors; torch takes norms of one kind at a
+        # time, so the global norm is put together from both and each kind is scaled by the same factor.
+        from torch.distributed.tensor import DTensor
+
+        parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        kinds = [kind for kind in ([p for p in parameters if isinstance(p.grad, DTensor)],
+                                   [p for p in parameters if not isinstance(p.grad, DTensor)]) if kind]
+        norms = [torch.nn.utils.get_total_norm([p.grad for p in kind]) for kind in kinds]
+        norms = [norm.full_tensor() if isinstance(norm, DTensor) else norm for norm in norms]
+        total = torch.linalg.vector_norm(torch.stack([norm.to(self.device) for norm in norms]))
+        for kind in kinds:
+            torch.nn.utils.clip_grads_with_norm_(kind, gradient_clip_val, total)
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         trainable = [p for p in self.net.parameters() if p.requires_grad]

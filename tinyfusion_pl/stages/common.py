@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,9 @@ def name_the_sweep_folder() -> None:
 def build_loggers(cfg: DictConfig, stage: str) -> list[Logger]:
     """The `logger` group's loggers for one stage, writing into its folder (W&B: grouped, see wandb_run_settings)."""
     root = stage_dir(cfg, stage)
-    return [instantiate(node, save_dir=str(root), **(wandb_run_settings(cfg, node, stage) if is_wandb(node) else {}))
+    # merged into the node, not passed as keywords: `config` is also instantiate's own first argument
+    return [instantiate(OmegaConf.merge(OmegaConf.to_container(node, resolve=True), wandb_run_settings(cfg, node, stage))
+                        if is_wandb(node) else node, save_dir=str(root))
             for node in (cfg.logger or {}).values()]
 
 
@@ -105,7 +108,7 @@ def wandb_run_settings(cfg: DictConfig, node: DictConfig, stage: str) -> dict[st
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    settings: dict[str, Any] = {"job_type": stage}
+    settings: dict[str, Any] = {"job_type": stage, "_convert_": "all"}  # W&B takes plain dicts, not DictConfig
     group, overrides = str(cfg.paths.run_dir), None
     if HydraConfig.initialized():
         hydra = HydraConfig.get()
@@ -255,6 +258,27 @@ def build_module(cfg: DictConfig, stage_cfg: DictConfig, net: nn.Module | None =
     return DiffusionModule(net, objective=instantiate(cfg.objective), **stage_cfg.module)
 
 
+def gather_full_weights(module: DiffusionModule, fresh_net: Callable[[], nn.Module]) -> None:
+    """After a sharded fit (trainer=fsdp2): put plain nets with the full weights back into `module` (net and EMA).
+
+    Every rank takes part in the gather; afterwards each holds whole models, so rank zero alone can export, sample
+    and score them. `fresh_net` builds an unsharded net of the same architecture to load the weights into.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(parameter, DTensor) for parameter in module.net.parameters()):
+        return
+    options = StateDictOptions(full_state_dict=True)
+    for owner, name in ((module, "net"), (module.ema, "module")):
+        if owner is None:
+            continue
+        full = get_model_state_dict(getattr(owner, name), options=options)
+        plain = fresh_net()
+        plain.load_state_dict(full)
+        setattr(owner, name, plain.to(module.device))
+
+
 def checkpoint_payload(module: DiffusionModule, cfg: DictConfig) -> dict[str, Any]:
     """The reference code's checkpoint layout ({'model', 'ema'}) plus the config that made it."""
     payload = {"model": module.net.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True)}
@@ -280,6 +304,7 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
             f"no full batch (data.batch_size={cfg.data.batch_size} is larger than the training split?). Lower "
             "data.batch_size; nothing was saved or cached."
         )
+    gather_full_weights(module, lambda: instantiate(cfg.model))
     return distributed.on_rank_zero(save_pretrained_teacher, cfg, module, trainer, folder)
 
 

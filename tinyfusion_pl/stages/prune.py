@@ -8,6 +8,9 @@ from typing import Any
 import lightning as L
 import torch.nn as nn
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl import distributed
@@ -30,6 +33,7 @@ from tinyfusion_pl.pruning.selectors import (
 from tinyfusion_pl.stages.common import (
     build_trainer,
     finish_loggers,
+    gather_full_weights,
     load_teacher,
     model_family,
     resolve_teacher_checkpoint,
@@ -55,19 +59,28 @@ def learnable_callbacks(cfg: DictConfig, blocks: str | list[str]) -> tuple[Diffe
 def learnable_selection(
     cfg: DictConfig, net: nn.Module, datamodule: L.LightningDataModule, folder: Path,
     callbacks: tuple[DifferentiableBlockMask, CoOptimizedWeightUpdate],
-) -> dict[str, Any]:
-    """TinyFusion: learn the kept blocks with Gumbel gates while a weight update estimates recoverability."""
+) -> tuple[dict[str, Any], nn.Module]:
+    """TinyFusion: learn the kept blocks with Gumbel gates while a weight update estimates recoverability.
+
+    Returns the decision and the teacher with its original weights (the weight update hands them back), whole.
+    """
     mask, weight_update = callbacks
     module = DiffusionModule(net, objective=instantiate(cfg.objective), lr=cfg.pruning.lr, ema_decay=None)
     trainer = build_trainer(cfg, "prune", max_steps=cfg.pruning.max_steps, callbacks=[mask, weight_update])
+    if isinstance(trainer.strategy, ModelParallelStrategy) and any(isinstance(c, Checkpoint) for c in trainer.callbacks):
+        # Its distributed optimizer state takes only the model's parameters, and the gates live in the mask.
+        rank_zero_warn("trainer=fsdp2: the learnable prune writes no periodic checkpoints (Lightning's FSDP2 "
+                       "optimizer state cannot hold the mask's gate logits, which live outside the sharded model).")
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoint)]
     trainer.fit(module, datamodule=datamodule)
+    gather_full_weights(module, lambda: load_teacher(cfg))  # sharded by trainer=fsdp2: whole weights again
 
     def plot_and_close() -> None:
         log_images(trainer.loggers, {"prune/decision_dynamics": mask.plot_dynamics(folder / "decision_dynamics.png")})
         finish_loggers(trainer.loggers, folder)
 
     distributed.on_rank_zero(plot_and_close)
-    return mask.decision()
+    return mask.decision(), module.net
 
 
 BASELINE_SELECTORS = ("bi_score", "sensitivity", "oracle", "by_index", "random")
@@ -119,7 +132,7 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
     objective = instantiate(cfg.objective)
     batches = calibration_batches(datamodule, cfg.pruning.calibration_batches, seed=cfg.seed)
     if callbacks is not None:
-        decision = learnable_selection(cfg, net, datamodule, folder, callbacks)
+        decision, net = learnable_selection(cfg, net, datamodule, folder, callbacks)
     else:
         decision = baseline_selection(cfg, net, objective, batches)
     # Every rank exports what rank zero exports: a decision that differs anywhere stops the run here.

@@ -20,6 +20,7 @@ from tinyfusion_pl.stages.common import (
     build_trainer,
     checkpoint_payload,
     finish_loggers,
+    gather_full_weights,
     judge_samples,
     load_model,
     model_title,
@@ -100,6 +101,7 @@ def run_recover(cfg: DictConfig) -> dict[str, Any]:
     module, teacher_path = build_recovery_module(cfg, student, decision)
     trainer = build_trainer(cfg, "recover", max_steps=cfg.recover.max_steps)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.recover.resume_from)
+    gather_full_weights(module, lambda: load_model(cfg, source / pruned_checkpoint_name(source)))
     return distributed.on_rank_zero(save_recovered, cfg, module, trainer, folder, {
         "steps": trainer.global_step,
         "nonfinite_steps": module.nonfinite_steps,
