@@ -156,3 +156,19 @@ def test_fsdp2_prunes_with_lora_on_two_ranks_and_exports_what_one_process_export
     plain = torch.load(alone / "prune" / "pruned.pt", weights_only=True)
     assert sharded.keys() == plain.keys()
     assert all(type(value) is torch.Tensor and torch.equal(value, plain[name]) for name, value in sharded.items())
+
+
+@pytest.mark.slow
+def test_a_sweep_under_ddp_keeps_one_folder_per_job_and_groups_its_wandb_runs(tmp_path):
+    result = train(tmp_path, tmp_path / "cache", "-m", *SMOKE_DDP, "stage=prune", "pruning.keep_ratio=0.25,0.5")
+    # Lightning re-runs `train.py -m ...` for rank 1, which runs the same jobs in step, in rank zero's sweep folder
+    (sweep,) = (tmp_path / "multirun" / "prune").iterdir()
+    assert sorted(path.name for path in sweep.iterdir() if path.is_dir()) == ["0", "1"]
+    for job, ratio in enumerate(("0.25", "0.5")):
+        folder = sweep / str(job)
+        assert (folder / "train_ddp_process_1.log").is_file() and (folder / "prune" / "decision.json").is_file()
+        (wandb_run,) = (folder / "prune" / "wandb").glob("offline-run-*")
+        (records,) = wandb_run.glob("run-*.wandb")
+        assert f"multirun/prune/{sweep.name}".encode() in records.read_bytes()  # the sweep's group
+        assert f'"pruning.keep_ratio":"{ratio}"'.encode() in records.read_bytes()  # the swept value, in the config
+    assert "Launching 2 jobs locally" in result.stdout + result.stderr

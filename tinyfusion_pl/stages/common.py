@@ -52,7 +52,7 @@ def start_processes(cfg: DictConfig) -> None:
     strategy = trainer.get("strategy")
     target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
     if "fsdp_strategy" in target or target.endswith("FSDPStrategy") or target == "fsdp":
-        if trainer.get("accelerator") in ("cpu",) or not torch.cuda.is_available():
+        if trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
             raise ValueError(
                 "trainer=fsdp (Lightning's FSDPStrategy) needs CUDA GPUs, and this machine has none. On CPUs shard "
                 "with trainer=fsdp2 trainer.accelerator=cpu (FSDP2 over gloo), or replicate with trainer=ddp "
@@ -109,11 +109,11 @@ def wandb_run_settings(cfg: DictConfig, node: DictConfig, stage: str) -> dict[st
     from hydra.types import RunMode
 
     settings: dict[str, Any] = {"job_type": stage, "_convert_": "all"}  # W&B takes plain dicts, not DictConfig
-    group, overrides = str(cfg.paths.run_dir), None
+    group = str(cfg.paths.run_dir)
     if HydraConfig.initialized():
         hydra = HydraConfig.get()
-        overrides = {key: value for key, _, value in (item.partition("=") for item in hydra.overrides.task)}
         group = str(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else str(hydra.runtime.output_dir)
+        overrides = {key: value for key, _, value in (item.partition("=") for item in hydra.overrides.task)}
         settings["config"] = {"overrides": overrides, "job": hydra.job.get("num")}
     if node.get("group") is None:
         settings["group"] = group
