@@ -41,7 +41,6 @@ def main(out: Path) -> None:
     except RuntimeError as error:
         seen["mismatch"] = str(error)
     distributed.check_same_on_every_rank([0, 1], "An agreed decision")
-    seen["any_rank"] = distributed.any_rank(rank == 1)
 
     # shares of items in whole units, gathered back in order
     start, stop = distributed.share(10, 3)

@@ -54,7 +54,6 @@ def test_a_decision_that_differs_between_ranks_stops_every_rank(ranks):
     for rank, entry in enumerate(seen):
         assert entry["mismatch"].startswith("The test decision is not the same on every rank (rank 0: [0, 1, 0]; "
                                             f"rank {rank}: [0, 1, {rank}])")
-    assert [entry["any_rank"] for entry in seen] == [True, True]
 
 
 def test_ranks_take_whole_units_and_gather_them_in_order(ranks):

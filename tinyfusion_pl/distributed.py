@@ -16,7 +16,6 @@ import torch
 import torch.distributed
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import Strategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 Result = TypeVar("Result")
 
@@ -48,16 +47,13 @@ def strategy() -> Strategy | None:
 
 
 def global_rank() -> int:
-    return rank_zero_only.rank
+    processes = strategy()
+    return 0 if processes is None else processes.global_rank
 
 
 def world_size() -> int:
     processes = strategy()
     return 1 if processes is None else processes.world_size
-
-
-def is_global_zero() -> bool:
-    return rank_zero_only.rank == 0
 
 
 def on_rank_zero(function: Callable[..., Result], *args: Any, **kwargs: Any) -> Result:
@@ -106,15 +102,6 @@ def check_same_on_every_rank(value: Any, what: str) -> None:
         )
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on any of them."""
-    processes = strategy()
-    if processes is None:
-        return flag
-    raised = torch.tensor(float(flag), device=processes.root_device)
-    return bool(processes.all_reduce(raised, reduce_op="sum").item() > 0)
-
-
 def share(count: int, unit: int) -> tuple[int, int]:
     """The items [start, stop) of `count` that this rank takes, in whole units of `unit` items (e.g. batches).
 
@@ -122,7 +109,7 @@ def share(count: int, unit: int) -> tuple[int, int]:
     the items in order.
     """
     units = -(-count // unit)
-    ranks, rank = world_size(), global_rank() if strategy() is not None else 0
+    ranks, rank = world_size(), global_rank()
     first, last = rank * units // ranks, (rank + 1) * units // ranks
     return min(first * unit, count), min(last * unit, count)
 
