@@ -1,4 +1,8 @@
-"""What the benchmarks share: their command line, a non-trivial DiT or SiT with its objective, peak memory.
+"""What the benchmarks share: their command line, a non-trivial DiT, SiT or MAR with its objective, peak memory.
+
+A MAR registry entry (--model MAR-Mini, MAR-L, ...) runs with MAR's objective: its encoder and decoder blocks
+form one sequence, its "input size" is the side of its latent (img_size / vae_stride), and its tokens are the
+latent's patch_size x patch_size patches.
 
 A benchmark that opts in (`add_model_arguments(..., diffusers=True)`) also takes `--model diffusers:DiT-Tiny/2`:
 diffusers' DiTTransformer2DModel at the size of that registry entry, behind its DiffusersDiT adapter
@@ -33,9 +37,9 @@ import torch.nn as nn
 
 from tinyfusion_pl.evaluation.speed import denoiser_inputs
 from tinyfusion_pl.families import family_of
-from tinyfusion_pl.models import DiT_models, SiT_models, build_dit, build_sit
+from tinyfusion_pl.models import DiT_models, MAR_models, SiT_models, build_dit, build_mar, build_sit
 from tinyfusion_pl.models.diffusers import build_diffusers
-from tinyfusion_pl.objectives import DiffusionObjective, FlowMatching, GaussianDiffusion
+from tinyfusion_pl.objectives import DiffusionObjective, FlowMatching, GaussianDiffusion, MaskedAutoregressive
 
 # Whatever a benchmark's step function takes: a dict of tensors, a tuple (x, y), ...
 Batch = Any
@@ -43,11 +47,11 @@ Batch = Any
 # Flags that say where results go or which mode runs, not what is measured.
 _NOT_SETTINGS = ("out", "measure_memory")
 
-MODEL_NAMES = sorted(DiT_models) + sorted(SiT_models)
+MODEL_NAMES = sorted(DiT_models) + sorted(SiT_models) + sorted(MAR_models)
 DIFFUSERS_PREFIX = "diffusers:"
 # diffusers' DiT at the size of one of our registry entries: "diffusers:DiT-Tiny/2".
 DIFFUSERS_MODEL_NAMES = [f"{DIFFUSERS_PREFIX}{name}" for name in sorted(DiT_models)]
-OBJECTIVES = ("flow_matching", "gaussian")
+OBJECTIVES = ("flow_matching", "gaussian", "mar")
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -64,7 +68,7 @@ def add_model_arguments(
     kinds = "a DiT or SiT registry entry" + (", or diffusers:<DiT entry> for diffusers' DiT of its size" if diffusers else "")
     parser.add_argument("--model", default=default, choices=choices, help=f"{model_help} ({kinds})")
     parser.add_argument("--objective", default=None, choices=OBJECTIVES,
-                        help="default: flow_matching for SiT, gaussian for DiT")
+                        help="default: flow_matching for SiT, gaussian for DiT, mar for MAR")
 
 
 def add_step_model_arguments(parser: argparse.ArgumentParser, model_help: str, diffusers: bool = False) -> None:
@@ -129,8 +133,16 @@ def input_size_for_tokens(model_name: str, tokens: int) -> int:
 
 
 def patch_size_of(model_name: str) -> int:
-    """The patch side of a registry entry, from its name ('DiT-S/2' -> 2)."""
+    """The patch side of a registry entry, from its name ('DiT-S/2' -> 2), or a MAR entry's patch_size."""
+    if model_name in MAR_models:
+        return mar_entry(model_name).patch_size
     return int(model_name.rsplit("/", 1)[1])
+
+
+def mar_entry(model_name: str) -> nn.Module:
+    """A MAR registry entry on the meta device: its architecture without memory."""
+    with torch.device("meta"):
+        return build_mar(model_name)
 
 
 def diffusers_dit_like(model_name: str, input_size: int) -> nn.Module:
@@ -151,16 +163,19 @@ def diffusers_dit_like(model_name: str, input_size: int) -> nn.Module:
 
 
 def nontrivial_model(model_name: str, input_size: int, seed: int) -> nn.Module:
-    """The registry DiT or SiT (or diffusers:<DiT entry>, diffusers' DiT of its size) built under `seed`, its
+    """The registry DiT, SiT or MAR (or diffusers:<DiT entry>, diffusers' DiT of its size) built under `seed`, its
     zero-initialised weights perturbed so that every block acts."""
     torch.manual_seed(seed)
     if model_name.startswith(DIFFUSERS_PREFIX):
         model = diffusers_dit_like(model_name.removeprefix(DIFFUSERS_PREFIX), input_size)
     elif model_name in SiT_models:
         model = build_sit(model_name, input_size=input_size)
+    elif model_name in MAR_models:
+        model = build_mar(model_name, img_size=input_size * mar_entry(model_name).vae_stride)
     else:
         model = build_dit(model_name, input_size=input_size)
-    # adaLN-Zero makes fresh blocks identities and the output zero; a trained model's are not, so perturb the zeros.
+    # adaLN-Zero makes fresh blocks identities and the output zero (MAR: its head's); a trained model's are not, so
+    # perturb the zeros.
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad and not parameter.any():
@@ -169,19 +184,23 @@ def nontrivial_model(model_name: str, input_size: int, seed: int) -> nn.Module:
 
 
 def default_objective(model_name: str) -> str:
-    """The objective a registry model was published with: flow matching for SiT, Gaussian diffusion for DiT."""
+    """The objective a registry model was published with: flow matching for SiT, MAR's for MAR, else Gaussian diffusion."""
+    if model_name in MAR_models:
+        return "mar"
     return "flow_matching" if model_name in SiT_models else "gaussian"
 
 
 @torch.no_grad()
 def build_objective(name: str, model: nn.Module) -> DiffusionObjective:
-    """FlowMatching, or GaussianDiffusion with a learned variance exactly when the model returns one.
+    """FlowMatching, MAR's objective, or GaussianDiffusion with a learned variance exactly when the model returns one.
 
     DiT with learn_sigma returns 2C channels (eps and the variance), SiT returns C whatever its learn_sigma:
     one forward of a single zero sample tells which.
     """
     if name == "flow_matching":
         return FlowMatching()
+    if name == "mar":
+        return MaskedAutoregressive(mask_ratio_min=model.mask_ratio_min)
     x, t, condition = denoiser_inputs(model, 1, next(model.parameters()).device)
     was_training = model.training
     output_channels = model.eval()(x, t, **condition).shape[1]

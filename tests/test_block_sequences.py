@@ -351,6 +351,18 @@ def test_one_path_in_a_list_is_the_same_as_the_path():
         prune_blocks(TwoListNet(), ["first", "third"], [0])
 
 
+
+def test_one_of_several_lists_may_be_empty_after_pruning():
+    emptied = prune_blocks(TwoListNet(), ["first", "second"], [3, 4])  # every block of 'first' dropped
+    sequence = resolve_block_sequence(emptied, ["first", "second"])
+    assert sequence.counts == [0, 2] and len(sequence.blocks) == 2
+    emptied.second = nn.ModuleList()
+    with pytest.raises(ValueError, match=r"blocks=\['first', 'second'\] are all empty on TwoListNet"):
+        resolve_block_sequence(emptied, ["first", "second"])
+    with pytest.raises(ValueError, match="blocks='first' is a ModuleList, not a non-empty container"):
+        resolve_block_sequence(emptied, "first")
+
+
 # ---------------------------------------------------------------------------- selectors
 
 

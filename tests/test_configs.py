@@ -32,8 +32,9 @@ def test_every_model_config_builds_its_registry_entry(model):
     with torch.device("meta"):  # XL-sized entries: shapes only, no memory
         net = instantiate(cfg.model)
     family = family_of(net)
-    assert family.num_classes(net) == cfg.model.get("num_classes", cfg.model.get("num_embeds_ada_norm"))
-    assert family.sample_shape(net)[0] == cfg.model.in_channels
+    classes = cfg.model.get("num_classes", cfg.model.get("num_embeds_ada_norm", cfg.model.get("class_num")))
+    assert family.num_classes(net) == classes
+    assert family.sample_shape(net)[0] == cfg.model.get("in_channels", cfg.model.get("vae_embed_dim"))
 
 
 @pytest.mark.parametrize("data", group_options("data"))

@@ -6,6 +6,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from tinyfusion_pl.data import DigitsDataModule, LatentDataError, LatentsDataModule, load_digits_tensors
+from tinyfusion_pl.data.resumable import ResumableDataLoader
 
 
 def test_digits_are_scaled_to_unit_range_and_keep_labels():
@@ -116,3 +117,56 @@ def test_latents_inconsistent_shape_names_the_file(tmp_path):
     np.save(tmp_path / "imagenet256_features" / "5.npy", np.zeros((2, 4, 8, 8), dtype=np.float32))
     with pytest.raises(LatentDataError, match=r"5\.npy has latent shape \(4, 8, 8\)"):
         LatentsDataModule(str(tmp_path), num_classes=5)
+
+
+# ---------------------------------------------------------------------------------------- resumable shuffling
+
+
+def labels_of(batches) -> list[list[int]]:
+    return [labels.tolist() for _, labels in batches]
+
+
+def take(loader, count: int) -> list:
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    return batches
+
+
+def test_a_loader_restored_from_its_state_continues_with_the_next_batch_across_passes():
+    dataset = torch.utils.data.TensorDataset(torch.zeros(10, 1), torch.arange(10))
+    first = ResumableDataLoader(dataset, batch_size=3, shuffle=True, drop_last=True, seed=7)
+    whole = labels_of(take(first, 3) + take(first, 3) + take(first, 3))  # three passes of 3 batches
+    assert whole[:3] != whole[3:6] != whole[6:]  # every pass has its own order
+    interrupted = ResumableDataLoader(dataset, batch_size=3, shuffle=True, drop_last=True, seed=7)
+    seen = labels_of(take(interrupted, 3) + take(interrupted, 2))  # killed after batch 2 of pass 1
+    state = interrupted.state_dict()
+    assert state == {"seed": 7, "pass": 1, "position": 2}
+    torch.manual_seed(1234)  # the global generator has no say in the order
+    resumed = ResumableDataLoader(dataset, batch_size=3, shuffle=True, drop_last=True)
+    resumed.load_state_dict(state)
+    assert len(resumed) == 3
+    assert seen + labels_of(take(resumed, 1) + take(resumed, 3)) == whole
+
+
+def test_a_loader_with_a_sampler_from_outside_skips_the_batches_already_seen():
+    dataset = torch.utils.data.TensorDataset(torch.zeros(8, 1), torch.arange(8))
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=3)
+    whole = labels_of(take(ResumableDataLoader(dataset, batch_size=2, sampler=sampler, seed=0), 4))
+    resumed = ResumableDataLoader(dataset, batch_size=2, sampler=sampler, seed=0)
+    resumed.load_state_dict({"seed": 0, "pass": 0, "position": 1})
+    assert labels_of(take(resumed, 3)) == whole[1:]
+
+
+def test_digits_shuffle_without_the_global_generator_once_the_loader_exists():
+    datamodule = DigitsDataModule(batch_size=16)
+    datamodule.setup()
+    torch.manual_seed(0)
+    loader = datamodule.train_dataloader()
+    state = torch.get_rng_state()
+    first = labels_of(take(loader, 2))
+    assert torch.equal(torch.get_rng_state(), state)  # iterating drew nothing from the global generator
+    torch.manual_seed(0)
+    assert labels_of(take(datamodule.train_dataloader(), 2)) == first  # the seed came from L.seed_everything's

@@ -302,5 +302,5 @@ def test_constructor_rejects_bad_arguments_naming_them():
     class NoKD:
         num_timesteps = 1000
 
-    with pytest.raises(ValueError, match="objective NoKD lacks q_sample, model_timesteps, loss_terms, distillation_terms"):
+    with pytest.raises(ValueError, match="objective NoKD lacks q_sample, model_timesteps, loss_terms, distillation_terms, distillation_losses"):
         DistillationModule(student, teacher, objective=NoKD())

@@ -10,7 +10,7 @@ import pytest
 
 from tests.test_configs import REPO
 from tests.test_stage_prune import compose_run
-from tinyfusion_pl.models import DiT, SiT, dit_from_checkpoint, sit_from_checkpoint
+from tinyfusion_pl.models import MAR, DiT, SiT, dit_from_checkpoint, mar_from_checkpoint, sit_from_checkpoint
 from tinyfusion_pl.stages import run_stage
 
 SHRUNKEN = ["pretrain.max_steps=4", "pruning.max_steps=4", "pruning.calibration_batches=1", "recover.max_steps=4",
@@ -19,11 +19,18 @@ SHRUNKEN = ["pretrain.max_steps=4", "pruning.max_steps=4", "pruning.calibration_
             "evaluate.speed.repeats=1"]
 
 
-@pytest.fixture(scope="module", params=["dit_digits", "sit_digits", "diffusers_digits"])
+# MAR has an encoder and a decoder depth instead of `depth`: 2 + 2 blocks make the same 4-block sequence.
+MAR_SHRUNKEN = ["~model.depth", "++model.encoder_depth=2", "++model.decoder_depth=2"]
+
+
+@pytest.fixture(scope="module", params=["dit_digits", "sit_digits", "diffusers_digits", "mar_digits"])
 def pipeline_run(request, tmp_path_factory):
-    """The DiT default, the SiT default (SiT with flow matching) and a diffusers DiT, shrunk to seconds."""
+    """The DiT default, the SiT default (SiT with flow matching), a diffusers DiT and the MAR default (MAR's
+    objective and generation), shrunk to seconds."""
     run_dir, cache_dir = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("cache")
     experiment = [] if request.param == "dit_digits" else [f"experiment={request.param}"]
+    if request.param == "mar_digits":
+        experiment += MAR_SHRUNKEN
     cfg = compose_run(run_dir, cache_dir, "stage=pipeline", *experiment, *SHRUNKEN)
     return run_stage(cfg), run_dir
 
@@ -104,6 +111,13 @@ def test_each_family_trains_samples_and_exports_with_its_own_objective(pipeline_
         assert evaluation["settings"]["method"] == "heun" and "clip_denoised" not in evaluation["settings"]
         shallow = sit_from_checkpoint(run_dir / "prune" / "pruned.pt")
         assert type(shallow) is SiT and shallow.depth == 2
+    elif "MAR-Tiny" in report:  # MAR's generation; the export is a MAR at the depths the decision kept
+        assert evaluation["settings"]["head_steps"] == 50 and "method" not in evaluation["settings"]
+        assert decision["blocks"] == ["encoder_blocks", "decoder_blocks"]
+        shallow = mar_from_checkpoint(run_dir / "prune" / "pruned.pt")
+        assert type(shallow) is MAR and shallow.encoder_depth + shallow.decoder_depth == 2
+        encoder_kept = sum(block < 2 for block in decision["kept_blocks"])
+        assert (shallow.encoder_depth, shallow.decoder_depth) == (encoder_kept, 2 - encoder_kept)
     elif "DiffusersDiT" in report:  # diffusers' own format: a save_pretrained folder with the new depth
         assert decision["checkpoint"] == "pruned" and decision["blocks"] == "model.transformer_blocks"
         config = json.loads((run_dir / "prune" / "pruned" / "config.json").read_text())

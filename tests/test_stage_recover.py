@@ -164,6 +164,9 @@ def test_a_corrupt_decision_is_refused_naming_the_file(oracle_run, cache_dir, tm
     shutil.copytree(oracle_run / "prune", folder)
     (folder / "decision.json").write_text('{"kept_blocks": [0, ')  # a write cut short
     cfg = compose_train(tiny_overrides(tmp_path / "run", cache_dir, "stage=recover", f"recover.pruned={folder}"))
+    with pytest.raises(ValueError, match=r"decision.json changed since the set was written.*Run stage=prune again"):
+        run_stage(cfg)  # the manifest of the prune output no longer matches
+    (folder / "manifest.json").unlink()  # a folder from before manifests: the file itself is refused
     with pytest.raises(ValueError, match=r"decision.json cannot be read .*Run stage=prune again"):
         run_stage(cfg)
     assert not (tmp_path / "run" / "recover" / "model.pt").exists()

@@ -85,11 +85,11 @@ class DiffusionModule(L.LightningModule):
         return self.net(x, t, **cond)
 
     def diffusion_terms(self, batch: Any, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """The objective's per-sample loss terms on one batch, at random timesteps and noise."""
+        """The objective's per-sample loss terms on one batch, at random timesteps and noise (drawn from `generator`)."""
         x, cond = split_batch(batch)
         t = self.objective.sample_timesteps(x.shape[0], x.device, generator=generator)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        return self.objective.training_losses(self.net, x, t, noise=noise, model_kwargs=cond)
+        return self.objective.training_losses(self.net, x, t, noise=noise, model_kwargs=cond, generator=generator)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         terms = self.diffusion_terms(batch)
@@ -152,6 +152,12 @@ class DiffusionModule(L.LightningModule):
             "bf16-mixed instead of 16-mixed. Nothing of this stage was saved."
         )
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps  # a resumed run goes on counting
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+
     def log_terms(self, split: str, terms: dict[str, torch.Tensor], batch_size: int) -> None:
         for name, value in terms.items():
             if value.ndim <= 1:
@@ -184,7 +190,10 @@ class DiffusionModule(L.LightningModule):
                 "adapters). Build the DiffusionModule with ema_decay=None for pruning runs."
             )
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end, which Lightning calls after the callbacks' (ModelCheckpoint's):
+        # a checkpoint taken at the end of a step then holds the EMA of that step, and a resumed run misses none.
         if self.ema is not None:
             self.ema.update_parameters(self.net)
 

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
+from tinyfusion_pl.data.resumable import ResumableDataLoader
+
 NUM_CLASSES = 10
 DIGITS_MAX_VALUE = 16.0  # sklearn stores the 8x8 digits as integers 0..16
 
@@ -71,7 +73,7 @@ class DigitsDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # drop_last keeps every step the same size: throughput logs and the gate schedules stay comparable
-        return DataLoader(
+        return ResumableDataLoader(
             self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers
         )
 

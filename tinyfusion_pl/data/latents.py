@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from tinyfusion_pl.data.digits import split_indices
+from tinyfusion_pl.data.resumable import ResumableDataLoader
 
 
 class LatentDataError(ValueError):
@@ -135,9 +136,9 @@ class LatentsDataModule(L.LightningDataModule):
         self.val_set = Subset(self.dataset, val_idx.tolist())
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0)
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                                   num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                                   persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)

@@ -82,12 +82,16 @@ def beta_schedule(step: int, total_steps: int, start: float = 1e-2, end: float =
 # ---------------------------------------------------------------------------------------- layer pairing
 
 
-def decision_pairing(kept_blocks: Sequence[int], teacher_depth: int) -> list[Pair]:
+def decision_pairing(
+    kept_blocks: Sequence[int], teacher_depth: int, container_lengths: Sequence[int] | None = None
+) -> list[Pair]:
     """Pair every student block with the teacher's hidden state at the same depth of computation.
 
     Student block i was teacher block k_i; its output is matched with the teacher's hidden state just
     before the next kept block k_{i+1} (the output of teacher block k_{i+1} - 1), and the last student
-    block with the output of the teacher's last block.
+    block with the output of the teacher's last block. With the teacher's `container_lengths` (several
+    block lists, e.g. MAR's encoder then decoder, whose hidden states differ in token count) a pair never
+    leaves its container: the last kept block of a container is matched with that container's last block.
     """
     kept = sorted(int(block) for block in kept_blocks)
     if not kept or kept[0] < 0 or kept[-1] >= teacher_depth or len(set(kept)) != len(kept):
@@ -97,8 +101,18 @@ def decision_pairing(kept_blocks: Sequence[int], teacher_depth: int) -> list[Pai
             f"blocks from 0 to {teacher_depth - 1}. Use the teacher the model was pruned from, or "
             "pairing=reference / an explicit list of [student, teacher] pairs."
         )
+    lengths = [teacher_depth] if container_lengths is None else [int(length) for length in container_lengths]
+    if sum(lengths) != teacher_depth or any(length < 0 for length in lengths):
+        raise ValueError(f"container_lengths={list(lengths)} do not add up to the teacher's {teacher_depth} blocks; "
+                         "pass the teacher's block count of every container (ModelFamily.block_counts).")
+    ends = [sum(lengths[: index + 1]) for index in range(len(lengths))]  # one past each container's last block
+
+    def container_end(block: int) -> int:
+        return next(end for end in ends if block < end)
+
     following = kept[1:] + [teacher_depth]
-    return [(student, next_kept - 1) for student, next_kept in enumerate(following)]
+    return [(student, min(next_kept, container_end(block)) - 1)
+            for student, (block, next_kept) in enumerate(zip(kept, following, strict=True))]
 
 
 def reference_pairing(student_depth: int, teacher_depth: int) -> list[Pair]:
@@ -134,10 +148,12 @@ def layer_pairing(
     teacher_depth: int,
     kept_blocks: Sequence[int] | None = None,
     pruned_depth: int | None = None,
+    container_lengths: Sequence[int] | None = None,
 ) -> list[Pair]:
     """Resolve a pairing option: 'decision' (from the kept blocks), 'reference' (2i + 1) or explicit pairs.
 
-    pruned_depth, the depth of the model the decision was made on, lets 'decision' refuse another teacher.
+    pruned_depth, the depth of the model the decision was made on, lets 'decision' refuse another teacher;
+    container_lengths, the teacher's block lists, keeps 'decision' pairs inside one list (decision_pairing).
     """
     if isinstance(pairing, str):
         if pairing == "reference":
@@ -159,5 +175,5 @@ def layer_pairing(
                 f"has {teacher_depth} blocks (student depth {student_depth}). Use pairing=reference or an explicit "
                 "list of [student, teacher] pairs for a teacher of another depth."
             )
-        return decision_pairing(kept_blocks, teacher_depth)
+        return decision_pairing(kept_blocks, teacher_depth, container_lengths)
     return check_pairs(pairing, student_depth, teacher_depth)

@@ -23,7 +23,7 @@ from tinyfusion_pl.pruning.block_hooks import BlockCall, StreamsArgument, sequen
 from tinyfusion_pl.pruning.containers import BlockPaths, resolve_block_sequence
 
 # What the module asks of its objective: every DiffusionObjective has them.
-_OBJECTIVE_METHODS = ("q_sample", "model_timesteps", "loss_terms", "distillation_terms")
+_OBJECTIVE_METHODS = ("q_sample", "model_timesteps", "loss_terms", "distillation_terms", "distillation_losses")
 
 
 class FrozenTeacher:
@@ -185,20 +185,14 @@ class DistillationModule(DiffusionModule):
         x, cond = split_batch(batch)
         t = self.objective.sample_timesteps(x.shape[0], x.device, generator=generator)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        x_t = self.objective.q_sample(x, t, noise)  # (N, C, H, W)
-        model_t = self.objective.model_timesteps(t)
         cond = self.label_drops(cond, generator)
         student_indices = [student for student, _ in self.feature_pairs]
         teacher_indices = [teacher for _, teacher in self.feature_pairs]
         with self.feature_capture(self.net, student_indices) as student_features, \
                 self.feature_capture(self.teacher.net, teacher_indices) as teacher_features:
-            student_output = self.net(x_t, model_t, **cond)  # (N, C_out, H, W)
-            teacher_output = self.teacher(x_t, model_t, **cond)  # (N, C_out, H, W)
-        ground_truth = self.objective.loss_terms(student_output, x, x_t, t, noise)
-        distilled = self.objective.distillation_terms(student_output, teacher_output, x_t, t)
-        # gt is the objective's loss; its parts (e.g. mse, vb) and the KD parts are logged beside it
-        terms = {"gt": ground_truth["loss"], **{name: value for name, value in ground_truth.items() if name != "loss"},
-                 **distilled}
+            # gt is the objective's loss; its parts (e.g. mse, vb) and the KD parts are logged beside it
+            terms = self.objective.distillation_losses(self.net, self.teacher.net, x, t, noise, model_kwargs=cond,
+                                                       generator=generator)
         loss = self.hparams.kd_weight * terms["kd"] + self.hparams.gt_weight * terms["gt"]
         if self.feature_pairs:
             per_pair = [masked_feature_mse(student_features[student], teacher_features[teacher], self.hparams.sigma_k,

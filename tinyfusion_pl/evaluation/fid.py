@@ -9,6 +9,7 @@ Features are accumulated in float64; the distance comes back in the features' dt
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ class FIDScorer:
         self._add(images, real=False)
         return float(self.metric.compute())
 
-    def _checked(self, images: torch.Tensor | np.ndarray, name: str, shared: bool) -> torch.Tensor:
+    def _checked(self, images: torch.Tensor | np.ndarray, name: str, shared: bool = False) -> torch.Tensor:
         images = check_uint8_nhwc(images, name)
         if len(images) < 2 and not (shared and _process_rank()[1] > 1):  # a share may be small; the union counts
             raise ValueError(f"{name} hold {len(images)} image(s); FID needs at least 2 (a covariance), and far more "
@@ -98,14 +99,23 @@ class FIDScorer:
                              f"{self.channels}.")
         return images
 
-    def _add(self, images: torch.Tensor, real: bool) -> None:
-        if len(images) == 0:  # a process without a share adds nothing, and still joins the sync in compute()
-            return
+    @torch.no_grad()
+    def features(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The feature vectors (N, D) that FID compares, float64 on the CPU: what a bootstrap of FID resamples."""
+        images = self._checked(images, "images")
+        return torch.cat([self.metric.inception(batch).double().cpu() for batch in self._batches(images)])
+
+    def _batches(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
         device = self.metric.device
         for batch in images.split(self.batch_size):
             batch = batch.to(device).permute(0, 3, 1, 2)  # (B, C, H, W) uint8
             if batch.shape[1] != self.channels:
                 batch = batch.expand(-1, self.channels, -1, -1)  # gray as RGB for Inception
+            yield batch
+
+    def _add(self, images: torch.Tensor, real: bool) -> None:
+        # a process without a share adds nothing (no batch), and still joins the sync in compute()
+        for batch in self._batches(images):
             self.metric.update(batch, real=real)
 
 

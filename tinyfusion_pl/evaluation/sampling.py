@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from tinyfusion_pl.families import ModelFamily, family_of
 from tinyfusion_pl.io import write_atomically
-from tinyfusion_pl.objectives import DiffusionObjective, classifier_free_guidance
+from tinyfusion_pl.objectives import DiffusionObjective
 
 # Stable Diffusion's VAE latents are scaled by this factor before DiT sees them (DiT, TinyFusion).
 SD_VAE_SCALE = 0.18215
@@ -91,8 +91,8 @@ def sample_images(
     device = next(net.parameters()).device
     model = net
     if cfg_scale > 1.0:
-        model = classifier_free_guidance(net, cfg_scale, null_label=family.null_label(net),
-                                         guidance_channels=guidance_channels)
+        model = objective.guided_model(net, cfg_scale, null_label=family.null_label(net),
+                                       guidance_channels=guidance_channels)
     generator = torch.Generator(device)
     shape = family.sample_shape(net)
     batches = []

@@ -17,11 +17,12 @@ from tinyfusion_pl.families.diffusers import (
     SD3TransformerFamily,
 )
 from tinyfusion_pl.families.dit import DiTFamily
+from tinyfusion_pl.families.mar import MARFamily
 from tinyfusion_pl.families.sit import SiTFamily
 
 # Order does not matter: the lookup walks the net's class hierarchy, most specific class first.
 FAMILIES: tuple[ModelFamily, ...] = (
-    DiTFamily(), SiTFamily(),
+    DiTFamily(), SiTFamily(), MARFamily(),
     DiTTransformerFamily(), PixArtTransformerFamily(), SD3TransformerFamily(), FluxTransformerFamily(),
     DiffusersDiTFamily(),
 )
@@ -48,4 +49,4 @@ def family_of(net: nn.Module) -> ModelFamily:
     )
 
 
-__all__ = ["FAMILIES", "BlockStreams", "DiTFamily", "ModelFamily", "SiTFamily", "family_of", "find_family"]
+__all__ = ["FAMILIES", "BlockStreams", "DiTFamily", "MARFamily", "ModelFamily", "SiTFamily", "family_of", "find_family"]

@@ -52,6 +52,10 @@ class ModelFamily:
     # The keyword of the class label (None: unconditional) and of its forced drops (CFG training, KD).
     label_argument: ClassVar[str | None] = "y"
     label_drop_argument: ClassVar[str | None] = "force_drop_ids"
+    # None: the net is a denoiser net(x_t, t, **condition) that any objective trains and samples. Otherwise the
+    # name of the only objective (conf/objective/<name>.yaml) that can (MAR: "mar", which masks tokens and runs
+    # the diffusion head); generic code that calls the net itself goes through that objective.
+    own_objective: ClassVar[str | None] = None
 
     def describes(self, cls: type) -> bool:
         """Whether instances of exactly `cls` are this family's models."""

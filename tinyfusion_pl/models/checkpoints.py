@@ -127,7 +127,9 @@ def extract_state_dict(obj: Any, prefer: str = "ema") -> dict[str, torch.Tensor]
 
 
 def _from_reference_dict(checkpoint: Mapping[str, Any], prefer: str) -> dict[str, torch.Tensor]:
-    """Pick 'ema' or 'model' from the reference training code's checkpoint dict."""
+    """Pick 'ema' or 'model' from the reference training code's checkpoint dict (MAR's calls its EMA 'model_ema')."""
+    if not isinstance(checkpoint.get("ema"), Mapping) and isinstance(checkpoint.get("model_ema"), Mapping):
+        checkpoint = {**checkpoint, "ema": checkpoint["model_ema"]}
     other = "model" if prefer == "ema" else "ema"
     chosen = prefer if isinstance(checkpoint.get(prefer), Mapping) else other
     if chosen != prefer:

@@ -41,35 +41,48 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (timm's `qkv`, `proj`)."""
+    """Multi-head self-attention with a fused qkv projection (timm's `qkv`, `proj`).
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    attn_drop and proj_drop are timm's dropout on the attention weights and after the projection (MAR's
+    ViT blocks use 0.1; DiT uses none). They act in train mode only.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=True)
+        self.attn_drop = attn_drop
         self.proj = nn.Linear(hidden_size, hidden_size)
+        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, Dh)
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
+        dropout = self.attn_drop if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (N, H, T, Dh)
         x = x.transpose(1, 2).reshape(batch, tokens, width)  # (N, T, D)
-        return self.proj(x)  # (N, T, D)
+        return self.proj_drop(self.proj(x))  # (N, T, D)
 
 
 class Mlp(nn.Module):
-    """Two-layer feed-forward network with tanh-approximated GELU (timm's `fc1`, `fc2`)."""
+    """Two-layer feed-forward network with GELU (timm's `fc1`, `fc2`): tanh-approximated as DiT's by default.
 
-    def __init__(self, hidden_size: int, mlp_hidden_size: int):
+    approximate="none" is timm's default exact GELU (MAR's ViT blocks); drop is timm's dropout after the
+    activation and after fc2, in train mode only.
+    """
+
+    def __init__(self, hidden_size: int, mlp_hidden_size: int, approximate: str = "tanh", drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, mlp_hidden_size)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate=approximate)
+        self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(mlp_hidden_size, hidden_size)
+        self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))  # (N, T, D)
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))  # (N, T, D)
 
 
 #################################################################################

@@ -78,15 +78,53 @@ class DiffusionObjective(abc.ABC):
         t: torch.Tensor,
         noise: torch.Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Noise x_start to times t, run the model, and return loss_terms' per-sample dict."""
+        """Noise x_start to times t, run the model, and return loss_terms' per-sample dict.
+
+        `generator` draws whatever randomness an objective needs beyond t and noise (none here; MAR's orders).
+        """
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
         model_output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))
         return self.loss_terms(model_output, x_start, x_t, t, noise)
 
+    def distillation_losses(
+        self,
+        student: Denoiser,
+        teacher: Denoiser,
+        x_start: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        model_kwargs: dict[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample (N,) terms of a student and a teacher run on the same noisy input and conditioning.
+
+        "gt": the student's loss_terms "loss" (its other parts beside it), plus distillation_terms ("kd", ...).
+        The teacher runs without gradients. Distillation calls the nets only through here.
+        """
+        x_t = self.q_sample(x_start, t, noise)
+        model_t = self.model_timesteps(t)
+        student_output = student(x_t, model_t, **(model_kwargs or {}))
+        with torch.no_grad():
+            teacher_output = teacher(x_t, model_t, **(model_kwargs or {}))
+        ground_truth = self.loss_terms(student_output, x_start, x_t, t, noise)
+        return {"gt": ground_truth["loss"], **{name: value for name, value in ground_truth.items() if name != "loss"},
+                **self.distillation_terms(student_output, teacher_output, x_t, t)}
+
     # ---------------------------------------------------------------- sampling
+    def guided_model(
+        self, net: Denoiser, cfg_scale: float, null_label: int, guidance_channels: int | None = None
+    ) -> Denoiser:
+        """What `sample` receives to sample `net` with classifier-free guidance at `cfg_scale`.
+
+        Here the doubled-batch wrapper of classifier_free_guidance; an objective that guides inside its own
+        sampler (MAR's rising schedule) returns what its sampler recognises.
+        """
+        return classifier_free_guidance(net, cfg_scale, null_label, guidance_channels)
+
     @abc.abstractmethod
     def sample(
         self,

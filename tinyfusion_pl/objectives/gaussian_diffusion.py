@@ -368,6 +368,7 @@ class GaussianDiffusion(DiffusionObjective):
         t: torch.Tensor,
         noise: torch.Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """Noise x_start to step t (indices of this process), run the model, and return loss_terms' dict."""
         _check_timesteps(t, x_start)
@@ -411,13 +412,17 @@ class GaussianDiffusion(DiffusionObjective):
         t: torch.Tensor,
         clip_denoised: bool = False,
         generator: torch.Generator | None = None,
+        temperature: float = 1.0,
     ) -> torch.Tensor:
-        """Draw x_{t-1} ~ p(x_{t-1} | x_t) with the model's (learned or fixed) variance; no noise where t == 0."""
+        """Draw x_{t-1} ~ p(x_{t-1} | x_t) with the model's (learned or fixed) variance; no noise where t == 0.
+
+        temperature scales the added noise (MAR's diffusion head samples with it; 1.0 is plain DDPM).
+        """
         out = self.p_mean_variance(model_output, x_t, t, clip_denoised)
         noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=out["mean"].dtype)
         noise_scale = (t != 0).to(noise.dtype).reshape(-1, *([1] * (x_t.ndim - 1))) * torch.exp(
             0.5 * out["log_variance"]
-        )
+        ) * temperature
         return out["mean"] + noise_scale * noise
 
     def ddim_step(

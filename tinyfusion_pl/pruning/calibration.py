@@ -44,8 +44,8 @@ def calibration_losses(
 ) -> list[torch.Tensor]:
     """The per-sample losses (N,) of `net` in eval mode on every batch, one tensor per batch.
 
-    Batch i is noised at `objective.stratified_timesteps(N, i, ...)` with noise drawn from `seed`, the same
-    for every model scored. Forward hooks on the net see every calibration forward (block influence uses this).
+    Batch i is noised at `objective.stratified_timesteps(N, i, ...)` with noise (and any other randomness of the
+    objective, e.g. MAR's orders) drawn from `seed`, the same for every model scored. Forward hooks on the net see every calibration forward (block influence uses this).
     """
     was_training = net.training
     net.eval()
@@ -57,7 +57,8 @@ def calibration_losses(
             noise = torch.randn(x.shape, generator=generator).to(device)
             t = objective.stratified_timesteps(len(x), index, device)
             terms = objective.training_losses(net, x.to(device), t, noise=noise,
-                                              model_kwargs={name: value.to(device) for name, value in cond.items()})
+                                              model_kwargs={name: value.to(device) for name, value in cond.items()},
+                                              generator=generator)
             losses.append(terms["loss"])
     finally:
         net.train(was_training)

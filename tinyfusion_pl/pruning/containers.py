@@ -31,14 +31,17 @@ def describe_containers(root: nn.Module) -> str:
     return ", ".join(f"'{name}' ({depth} blocks)" for name, depth in candidates.items()) or "none"
 
 
-def resolve_block_container(root: nn.Module, path: str) -> BlockContainer:
-    """Return the container at dotted `path` under `root`, or raise naming the containers that exist."""
+def resolve_block_container(root: nn.Module, path: str, allow_empty: bool = False) -> BlockContainer:
+    """Return the container at dotted `path` under `root`, or raise naming the containers that exist.
+
+    An empty container is refused unless `allow_empty` (one list of several that pruning emptied).
+    """
     module: nn.Module | None = root
     for part in path.split(".") if path else []:
         module = getattr(module, part, None) if isinstance(module, nn.Module) else None
         if module is None:
             break
-    if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 0:
+    if isinstance(module, (nn.ModuleList, nn.Sequential)) and (allow_empty or len(module) > 0):
         return module
     what = "does not resolve" if module is None else f"is a {type(module).__name__}, not a non-empty container of blocks"
     raise ValueError(
@@ -120,10 +123,14 @@ def resolve_block_sequence(root: nn.Module, blocks: BlockPaths) -> BlockSequence
     """The containers at `blocks` (one dotted path or several) under `root`, as one sequence of blocks.
 
     Raises naming the containers that exist when a path does not resolve, and refuses a container given
-    twice under two names (its blocks would be gated twice).
+    twice under two names (its blocks would be gated twice). One of several containers may be empty (a
+    pruned MAR that kept no encoder block), as long as the sequence has a block.
     """
     paths = block_paths(blocks)
-    containers = tuple(resolve_block_container(root, path) for path in paths)
+    containers = tuple(resolve_block_container(root, path, allow_empty=len(paths) > 1) for path in paths)
+    if not any(len(container) for container in containers):
+        raise ValueError(f"blocks={list(paths)!r} are all empty on {type(root).__name__}: there is no block to "
+                         "prune or distil.")
     if len({id(container) for container in containers}) != len(containers):
         raise ValueError(f"blocks={list(paths)!r} names the same container more than once; list each once.")
     return BlockSequence(paths, containers)

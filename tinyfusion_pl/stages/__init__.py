@@ -12,9 +12,10 @@ from tinyfusion_pl.stages.evaluate import run_evaluate
 from tinyfusion_pl.stages.pipeline import run_pipeline
 from tinyfusion_pl.stages.prune import run_prune
 from tinyfusion_pl.stages.recover import run_recover
+from tinyfusion_pl.stages.recoverability import run_recoverability
 
 STAGES = {"pretrain": run_pretrain, "prune": run_prune, "recover": run_recover, "evaluate": run_evaluate,
-          "pipeline": run_pipeline, "compare_selectors": run_compare_selectors}
+          "pipeline": run_pipeline, "compare_selectors": run_compare_selectors, "recoverability": run_recoverability}
 
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:

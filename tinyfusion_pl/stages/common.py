@@ -19,12 +19,23 @@ import lightning as L
 import torch
 import torch.nn as nn
 from hydra.utils import instantiate
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl import distributed
+from tinyfusion_pl.callbacks.random_state import RandomStateCheckpoint
 from tinyfusion_pl.families import ModelFamily, family_of
-from tinyfusion_pl.io import save_json, save_torch, write_atomically
+from tinyfusion_pl.io import (
+    atomic_path,
+    begin_output_set,
+    finish_output_set,
+    remove_stray_temporaries,
+    save_json,
+    save_torch,
+    write_atomically,
+)
 from tinyfusion_pl.loggers import describe_offline_runs, log_images, wandb_loggers
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.objectives import DiffusionObjective
@@ -33,12 +44,17 @@ from tinyfusion_pl.objectives import DiffusionObjective
 SAMPLING_SETTINGS = ("cfg_scale", "samples_per_class", "progress")
 JUDGES = ("digits", None)
 SWEEP_DIR_VARIABLE = "TINYFUSION_SWEEP_DIR"
+CHECKPOINT_FOLDER = "checkpoints"  # <stage>/checkpoints: the periodic Lightning checkpoints of a training stage
+CHECKPOINT_RECORD = "tinyfusion_pl"  # the entry of a Lightning checkpoint that says which stage wrote it
 
 
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
-    """The folder of one stage inside the run folder (created)."""
+    """The folder of one stage inside the run folder (created), rid of the temporaries a killed run left there."""
     path = Path(cfg.paths.run_dir) / stage
     path.mkdir(parents=True, exist_ok=True)
+    if distributed.global_rank() == 0:  # the only rank that writes: another could take its temporaries for strays
+        remove_stray_temporaries(path)
+        remove_stray_temporaries(path.parent, recursive=False)  # the run folder's own files (report.md, metrics.json)
     return path
 
 
@@ -120,19 +136,105 @@ def wandb_run_settings(cfg: DictConfig, node: DictConfig, stage: str) -> dict[st
     return settings
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written like every other output: a temporary beside the file, then a rename."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: Lightning's own writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_path(path) as temporary:
+            torch.save(checkpoint, temporary)
+
+
+class StageRecord(Callback):
+    """Writes which stage a checkpoint belongs to into it, so that resuming another stage from it is refused."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_RECORD] = {"stage": self.stage}
+
+
 def build_trainer(cfg: DictConfig, stage: str, max_steps: int, callbacks: list | None = None, **overrides: Any) -> L.Trainer:
-    """A Trainer from the `trainer` group, with this stage's steps, logger and callbacks, writing into its folder."""
+    """A Trainer from the `trainer` group, with this stage's steps, logger and callbacks, writing into its folder.
+
+    Periodic checkpoints (the `callbacks` group's ModelCheckpoint) go to <stage>/checkpoints, written atomically,
+    with the stage's name and the random state of every rank in them, so that `<stage>.resume_from` continues exactly.
+    """
     root = stage_dir(cfg, stage)
     loggers = build_loggers(cfg, stage)
     extra_callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values()]
-    return instantiate(
+    for callback in extra_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = str((root / CHECKPOINT_FOLDER).resolve())
+    trainer = instantiate(
         cfg.trainer,
         max_steps=max_steps,
         default_root_dir=str(root),
         logger=loggers or False,
-        callbacks=extra_callbacks + list(callbacks or []),
+        callbacks=extra_callbacks + list(callbacks or []) + [RandomStateCheckpoint(), StageRecord(stage)],
         **overrides,
     )
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    return trainer
+
+
+def resume_checkpoint(cfg: DictConfig, stage: str, option: str) -> str | None:
+    """The Lightning checkpoint that `option` (e.g. pruning.resume_from) names for `stage`, checked; None to start anew.
+
+    `auto` takes the newest checkpoint in <run folder>/<stage>/checkpoints, the run folder being the one this run
+    writes to (hydra.run.dir). A checkpoint of another stage, or a file that is not a Lightning checkpoint, is refused.
+    """
+    value = OmegaConf.select(cfg, option)
+    if value in (None, ""):
+        return None
+    folder = Path(cfg.paths.run_dir) / stage / CHECKPOINT_FOLDER
+    if str(value) == "auto":
+        candidates = sorted((path for path in folder.glob("*.ckpt") if not path.name.startswith(".")),
+                            key=lambda path: (path.name == "last.ckpt", path.stat().st_mtime), reverse=True)
+        if not candidates:
+            raise FileNotFoundError(
+                f"{option}=auto found no checkpoint in {folder}. `auto` resumes the run in the folder this run writes "
+                "to, so pass that run's folder: hydra.run.dir=<the run folder> (e.g. outputs/prune/2026-01-01_12-00-00); "
+                f"or pass {option}=/path/to/<run>/{stage}/{CHECKPOINT_FOLDER}/last.ckpt, or drop {option} to start at "
+                "step 0. (Runs with callbacks=none write no checkpoints.)"
+            )
+        path = candidates[0]
+    else:
+        path = Path(value)
+        if not path.is_file():
+            raise FileNotFoundError(f"{option}={path} does not exist. Pass a checkpoint from <run>/{stage}/"
+                                    f"{CHECKPOINT_FOLDER}/ (last.ckpt), or {option}=auto with hydra.run.dir=<the run folder>.")
+    record = checkpoint_record(path, option)
+    if record is not None and record.get("stage") != stage:
+        raise ValueError(
+            f"{option}={path} is a checkpoint of stage={record.get('stage')}, not of stage={stage}. Pass one from "
+            f"<run>/{stage}/{CHECKPOINT_FOLDER}/, or {option}=auto with hydra.run.dir=<the run folder>."
+        )
+    return str(path)
+
+
+def checkpoint_record(path: Path, option: str) -> dict[str, Any] | None:
+    """The stage record of a Lightning checkpoint (None for one written elsewhere), or an error naming the file.
+
+    The file is memory-mapped: only the few entries read here are loaded, whatever the model's size.
+    """
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+        raise ValueError(f"{option}={path} cannot be read as a checkpoint ({type(error).__name__}: {error}). It may be "
+                         "cut short by a kill while it was written; pass another checkpoint, or drop "
+                         f"{option} to start at step 0.") from error
+    if not isinstance(checkpoint, dict) or not {"state_dict", "global_step"} <= set(checkpoint):
+        raise ValueError(f"{option}={path} is not a Lightning checkpoint (no state_dict/global_step): it takes the "
+                         f".ckpt files in <run>/<stage>/{CHECKPOINT_FOLDER}/. To start from a model's weights instead, "
+                         "use teacher.checkpoint or pretrain.module.init_checkpoint.")
+    return checkpoint.get(CHECKPOINT_RECORD)
 
 
 def finish_loggers(loggers: list[Logger], stage_folder: Path) -> None:
@@ -293,11 +395,12 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
     The checkpoint is also cached, so later stages and runs reuse it instead of retraining.
     """
     folder = stage_dir(cfg, "pretrain")
+    resume_from = resume_checkpoint(cfg, "pretrain", "pretrain.resume_from")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, cfg.pretrain)
     trainer = build_trainer(cfg, "pretrain", max_steps=cfg.pretrain.max_steps)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.pretrain.resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     if trainer.global_step == 0:  # an untrained teacher must never reach the cache that later runs reuse
         raise ValueError(
             f"stage=pretrain trained 0 of pretrain.max_steps={cfg.pretrain.max_steps} steps: the training data gave "
@@ -311,14 +414,19 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
 def save_pretrained_teacher(cfg: DictConfig, module: DiffusionModule, trainer: L.Trainer, folder: Path) -> dict[str, Any]:
     """What stage=pretrain writes once its fit ended (on global rank zero): the checkpoint, its cache entry, samples."""
     payload = checkpoint_payload(module, cfg)
+    begin_output_set(folder, "pretrain")
     checkpoint = save_torch(payload, folder / "model.pt")
+    remove_stray_temporaries(cached_teacher_path(cfg).parent)
     save_torch(payload, cached_teacher_path(cfg))
     metrics: dict[str, Any] = {"steps": trainer.global_step, "checkpoint": str(checkpoint)}
+    outputs = ["model.pt", "metrics.json"]
     if cfg.sampling.samples_per_class > 0:
         images, labels = sample_grid(module, cfg, folder / "samples.png", title=f"{model_title(cfg)}, pretrained")
         metrics.update(judge_samples(cfg, images, labels))
         log_images(trainer.loggers, {"pretrain/samples": folder / "samples.png"})
+        outputs.append("samples.png")
     save_json(metrics, folder / "metrics.json")
+    finish_output_set(folder, "pretrain", outputs)
     finish_loggers(trainer.loggers, folder)
     return metrics
 

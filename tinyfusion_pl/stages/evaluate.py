@@ -29,7 +29,7 @@ from tinyfusion_pl.evaluation.sampling import (
 )
 from tinyfusion_pl.evaluation.speed import count_blocks, sampling_speed
 from tinyfusion_pl.families import family_of
-from tinyfusion_pl.io import save_json
+from tinyfusion_pl.io import check_output_set, save_json
 from tinyfusion_pl.stages.common import (
     judge,
     load_model,
@@ -74,6 +74,10 @@ def pruned_checkpoint(cfg: DictConfig) -> Path:
     outputs = ["recover/model.pt", f"prune/{pruned_checkpoint_name(run_dir / 'prune')}"]
     for relative in outputs:
         if (run_dir / relative).exists():
+            stage, name = relative.split("/")  # a stage killed while rewriting its folder must not pass for done
+            option = "pruning.resume_from" if stage == "prune" else "recover.resume_from"
+            check_output_set(run_dir / stage, stage, [name], f"Run stage={stage} again with hydra.run.dir={run_dir} "
+                             f"({option}=auto continues a killed run), or pass evaluate.pruned_checkpoint=...")
             return run_dir / relative
     raise FileNotFoundError(
         f"evaluate.models includes 'pruned' but the run folder {run_dir} holds neither {' nor '.join(outputs)}. "

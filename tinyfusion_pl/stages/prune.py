@@ -17,7 +17,7 @@ from tinyfusion_pl import distributed
 from tinyfusion_pl.callbacks.block_mask import DifferentiableBlockMask
 from tinyfusion_pl.callbacks.weight_update import CoOptimizedWeightUpdate
 from tinyfusion_pl.families import family_of
-from tinyfusion_pl.io import save_json
+from tinyfusion_pl.io import begin_output_set, finish_output_set, save_json
 from tinyfusion_pl.loggers import log_images
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.pruning.calibration import calibration_batches, calibration_loss
@@ -37,6 +37,7 @@ from tinyfusion_pl.stages.common import (
     load_teacher,
     model_family,
     resolve_teacher_checkpoint,
+    resume_checkpoint,
     stage_dir,
 )
 
@@ -58,7 +59,7 @@ def learnable_callbacks(cfg: DictConfig, blocks: str | list[str]) -> tuple[Diffe
 
 def learnable_selection(
     cfg: DictConfig, net: nn.Module, datamodule: L.LightningDataModule, folder: Path,
-    callbacks: tuple[DifferentiableBlockMask, CoOptimizedWeightUpdate],
+    callbacks: tuple[DifferentiableBlockMask, CoOptimizedWeightUpdate], resume_from: str | None = None,
 ) -> tuple[dict[str, Any], nn.Module]:
     """TinyFusion: learn the kept blocks with Gumbel gates while a weight update estimates recoverability.
 
@@ -72,10 +73,11 @@ def learnable_selection(
         rank_zero_warn("trainer=fsdp2: the learnable prune writes no periodic checkpoints (Lightning's FSDP2 "
                        "optimizer state cannot hold the mask's gate logits, which live outside the sharded model).")
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoint)]
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     gather_full_weights(module, lambda: load_teacher(cfg))  # sharded by trainer=fsdp2: whole weights again
 
     def plot_and_close() -> None:
+        begin_output_set(folder, "prune")  # from here on, the folder's older result is no longer whole
         log_images(trainer.loggers, {"prune/decision_dynamics": mask.plot_dynamics(folder / "decision_dynamics.png")})
         finish_loggers(trainer.loggers, folder)
 
@@ -121,9 +123,13 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
             f"pruning.selector='{cfg.pruning.selector}' is not one of {['learnable', *BASELINE_SELECTORS]}. "
             "Pick it with the pruning group, e.g. pruning=bi_score."
         )
-    callbacks = None
+    callbacks, resume_from = None, None
     if cfg.pruning.selector == "learnable":  # a bad pruning setting stops the run before the teacher is trained
         callbacks = learnable_callbacks(cfg, model_family(cfg).block_argument(prefix="net."))
+        resume_from = resume_checkpoint(cfg, "prune", "pruning.resume_from")
+    elif cfg.pruning.get("resume_from"):
+        raise ValueError(f"pruning.resume_from={cfg.pruning.resume_from}: pruning.selector={cfg.pruning.selector} "
+                         "trains nothing, so there is nothing to resume. Drop pruning.resume_from.")
     folder = stage_dir(cfg, "prune")
     teacher_path = resolve_teacher_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -132,20 +138,23 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
     objective = instantiate(cfg.objective)
     batches = calibration_batches(datamodule, cfg.pruning.calibration_batches, seed=cfg.seed)
     if callbacks is not None:
-        decision, net = learnable_selection(cfg, net, datamodule, folder, callbacks)
+        decision, net = learnable_selection(cfg, net, datamodule, folder, callbacks, resume_from)
     else:
         decision = baseline_selection(cfg, net, objective, batches)
     # Every rank exports what rank zero exports: a decision that differs anywhere stops the run here.
     distributed.check_same_on_every_rank(decision["kept_blocks"], "The pruning decision (kept_blocks)")
-    return distributed.on_rank_zero(export_decision, cfg, net, decision, objective, batches, folder, teacher_path)
+    return distributed.on_rank_zero(export_decision, cfg, net, decision, objective, batches, folder, teacher_path,
+                                    learned=callbacks is not None)
 
 
 def export_decision(
     cfg: DictConfig, net: nn.Module, decision: dict[str, Any], objective: Any, batches: list, folder: Path,
-    teacher_path: Path,
+    teacher_path: Path, learned: bool,
 ) -> dict[str, Any]:
     """Prune the teacher to the decision, measure its calibration loss, write pruned.pt and decision.json (once)."""
     family = family_of(net)
+    if not learned:  # a learned decision began the set when its fit ended
+        begin_output_set(folder, "prune")
     shallow = prune_blocks(net, blocks=family.block_argument(), keep=decision["kept_blocks"])
     decision.update(
         selector=cfg.pruning.selector,
@@ -157,6 +166,10 @@ def export_decision(
     )
     checkpoint = family.save(shallow, folder / decision["checkpoint"])
     save_json(decision, folder / "decision.json")
+    outputs = [decision["checkpoint"], "decision.json"]
+    if learned:
+        outputs.append("decision_dynamics.png")
+    finish_output_set(folder, "prune", outputs)  # last: the set is whole
     return {"kept_blocks": decision["kept_blocks"], "calibration_loss": decision["calibration_loss"],
             "pruned": str(checkpoint)}
 

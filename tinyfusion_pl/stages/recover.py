@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from tinyfusion_pl import distributed
 from tinyfusion_pl.distill import DistillationModule, layer_pairing
 from tinyfusion_pl.families import family_of
-from tinyfusion_pl.io import save_json, save_torch
+from tinyfusion_pl.io import begin_output_set, check_output_set, finish_output_set, save_json, save_torch
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.pruning.calibration import calibration_batches, calibration_loss
 from tinyfusion_pl.stages.common import (
@@ -26,6 +26,7 @@ from tinyfusion_pl.stages.common import (
     model_title,
     pruned_checkpoint_name,
     read_decision,
+    resume_checkpoint,
     sample_grid,
     stage_dir,
 )
@@ -34,14 +35,24 @@ DISTILL_METHODS = ("none", "kd", "masked_kd")
 
 
 def pruned_folder(cfg: DictConfig) -> Path:
-    """recover.pruned when given, else this run's prune/ folder; it must hold pruned.pt and decision.json."""
+    """recover.pruned when given, else this run's prune/ folder; it must hold one whole prune output.
+
+    pruned.pt and decision.json must come from the same prune run (its manifest.json says so): a pruned model
+    distilled with another run's decision would pair the wrong layers without a word.
+    """
     folder = Path(cfg.recover.pruned) if cfg.recover.pruned else Path(cfg.paths.run_dir) / "prune"
+    fix = (f"Run stage=prune again with hydra.run.dir={folder.parent} (pruning.resume_from=auto continues a killed "
+           "learnable run), or pass recover.pruned=/path/to/<run>/prune (the folder of a finished stage=prune).")
+    manifest = check_output_set(folder, "prune", ["decision.json"], fix)
     missing = [name for name in (pruned_checkpoint_name(folder), "decision.json") if not (folder / name).exists()]
     if missing:
         raise FileNotFoundError(
             f"recover.pruned={folder} lacks {', '.join(missing)}. Run stage=prune in this run folder first, or pass "
             "recover.pruned=/path/to/<run>/prune (the folder stage=prune wrote)."
         )
+    if manifest is not None and pruned_checkpoint_name(folder) not in manifest["files"]:
+        raise ValueError(f"{folder}/decision.json names {pruned_checkpoint_name(folder)}, which its manifest.json "
+                         f"does not list: the files come from different runs. {fix}")
     return folder
 
 
@@ -76,8 +87,10 @@ def build_recovery_module(
     if distill.method == "masked_kd":
         pairing = OmegaConf.to_object(distill.pairing) if OmegaConf.is_config(distill.pairing) else distill.pairing
         family = family_of(student)
-        feature_pairs = layer_pairing(pairing, sum(family.block_counts(student)), sum(family.block_counts(teacher)),
-                                      kept_blocks=decision["kept_blocks"], pruned_depth=decision.get("num_blocks"))
+        teacher_counts = family.block_counts(teacher)
+        feature_pairs = layer_pairing(pairing, sum(family.block_counts(student)), sum(teacher_counts),
+                                      kept_blocks=decision["kept_blocks"], pruned_depth=decision.get("num_blocks"),
+                                      container_lengths=teacher_counts)
     module = DistillationModule(
         student, teacher, objective=objective, kd_weight=distill.kd_weight, gt_weight=distill.gt_weight,
         feature_pairs=feature_pairs, feature_weight=tuple(distill.get("feature_weight", (0.0, 0.0))),
@@ -91,6 +104,7 @@ def run_recover(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune the pruned model of a prune folder; writes recover/model.pt ({'model','ema'}) and metrics.json."""
     folder = stage_dir(cfg, "recover")
     source = pruned_folder(cfg)
+    resume_from = resume_checkpoint(cfg, "recover", "recover.resume_from")
     L.seed_everything(cfg.seed, workers=True)
     decision = read_decision(source)
     student = load_model(cfg, source / pruned_checkpoint_name(source))
@@ -100,7 +114,7 @@ def run_recover(cfg: DictConfig) -> dict[str, Any]:
     loss_before = distributed.on_rank_zero(calibration_loss, student, objective, batches, seed=cfg.seed)
     module, teacher_path = build_recovery_module(cfg, student, decision)
     trainer = build_trainer(cfg, "recover", max_steps=cfg.recover.max_steps)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.recover.resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     gather_full_weights(module, lambda: load_model(cfg, source / pruned_checkpoint_name(source)))
     return distributed.on_rank_zero(save_recovered, cfg, module, trainer, folder, {
         "steps": trainer.global_step,
@@ -121,6 +135,7 @@ def save_recovered(
     finish_loggers(trainer.loggers, folder)
     payload = checkpoint_payload(module, cfg)
     payload["kept_blocks"] = metrics["kept_blocks"]
+    begin_output_set(folder, "recover")
     checkpoint = save_torch(payload, folder / "model.pt")
     metrics["calibration_loss"] = {
         "pruned": loss_before,
@@ -128,9 +143,12 @@ def save_recovered(
         "recovered_ema": calibration_loss(module.sampling_net(), objective, batches, seed=cfg.seed),
     }
     metrics["checkpoint"] = str(checkpoint)
+    outputs = ["model.pt", "metrics.json"]
     if cfg.sampling.samples_per_class > 0:
         title = f"{model_title(cfg)}, {len(metrics['kept_blocks'])} blocks, recovered ({cfg.distill.method})"
         images, labels = sample_grid(module, cfg, folder / "samples.png", title=title)
         metrics.update(judge_samples(cfg, images, labels))
+        outputs.append("samples.png")
     save_json(metrics, folder / "metrics.json")
+    finish_output_set(folder, "recover", outputs)
     return metrics
