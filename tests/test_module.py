@@ -177,3 +177,15 @@ def test_cosine_schedule_decays_to_min_lr(tmp_path):
     trainer = quick_trainer(tmp_path, max_steps=10)
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=8))
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+def test_the_count_of_skipped_steps_goes_on_after_a_resume():
+    module = DiffusionModule(tiny_dit(depth=1), ema_decay=None, skip_nonfinite_steps=True)
+    module.nonfinite_steps = 3
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    resumed = DiffusionModule(tiny_dit(depth=1), ema_decay=None, skip_nonfinite_steps=True)
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.nonfinite_steps == 3
+    resumed.on_load_checkpoint({})  # a checkpoint from before the count was saved
+    assert resumed.nonfinite_steps == 0

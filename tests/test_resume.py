@@ -207,7 +207,7 @@ def test_a_crashed_prune_resumed_with_auto_ends_as_an_uninterrupted_one(tmp_path
     whole, resumed = (tmp_path / name / "prune" for name in ("whole", "crashed"))
     assert json.loads((whole / "decision.json").read_text()) == json.loads((resumed / "decision.json").read_text())
     final, final_resumed = (lightning_state(folder / "checkpoints" / "last.ckpt") for folder in (whole, resumed))
-    assert final["tinyfusion_pl"] == {"stage": "prune"} and final["global_step"] == 6
+    assert final["tinyfusion_pl"]["stage"] == "prune" and final["global_step"] == 6
     states, resumed_states = ({key: value for key, value in checkpoint["callbacks"].items()  # but where it was saved
                                if not key.startswith("ModelCheckpoint")} for checkpoint in (final, final_resumed))
     assert_same_tensors(states, resumed_states)  # the gates, their EMA, the random state
@@ -216,9 +216,20 @@ def test_a_crashed_prune_resumed_with_auto_ends_as_an_uninterrupted_one(tmp_path
     assert_same_tensors(final["state_dict"], final_resumed["state_dict"])  # LoRA adapters included
 
 
-def test_a_crashed_recovery_resumed_with_auto_ends_with_the_weights_and_ema_of_an_uninterrupted_one(tmp_path, cache_dir):
-    run_stage(tiny(tmp_path / "pruned", cache_dir, "stage=prune", "pruning=oracle", "callbacks=none"))
-    shrunk = ["stage=recover", f"recover.pruned={tmp_path / 'pruned' / 'prune'}", "recover.max_steps=6",
+@pytest.fixture(scope="module")
+def prune_outputs(tmp_path_factory, cache_dir) -> tuple[Path, Path]:
+    """Two prune folders of the same teacher (baseline selectors: no training): blocks [0, 3] and [1, 2]."""
+    oracle, by_index = tmp_path_factory.mktemp("oracle"), tmp_path_factory.mktemp("by_index")
+    run_stage(tiny(oracle, cache_dir, "stage=prune", "pruning=oracle", "callbacks=none"))
+    run_stage(tiny(by_index, cache_dir, "stage=prune", "pruning=by_index", "pruning.kept_blocks=[1,2]",
+                   "pruning.num_keep=2", "callbacks=none"))
+    return oracle / "prune", by_index / "prune"
+
+
+def test_a_crashed_recovery_resumed_with_auto_ends_with_the_weights_and_ema_of_an_uninterrupted_one(
+    tmp_path, cache_dir, prune_outputs
+):
+    shrunk = ["stage=recover", f"recover.pruned={prune_outputs[0]}", "recover.max_steps=6",
               "callbacks.checkpoint.every_n_train_steps=2", "recover.calibration_batches=1"]
     run_stage(tiny(tmp_path / "whole", cache_dir, *shrunk))
     crash = ["+callbacks.crash._target_=tests.test_resume.CrashAfterStep", "+callbacks.crash.step=3"]
@@ -229,6 +240,11 @@ def test_a_crashed_recovery_resumed_with_auto_ends_with_the_weights_and_ema_of_a
                             for name in ("whole", "crashed"))
     assert_same_tensors(final["model"], final_resumed["model"])
     assert_same_tensors(final["ema"], final_resumed["ema"])  # the EMA of step 2 is in the step-2 checkpoint
+    elsewhere = [f"recover.pruned={prune_outputs[1]}" if option.startswith("recover.pruned") else option
+                 for option in shrunk]
+    with pytest.raises(ValueError, match=r"last.ckpt was trained on other inputs than this run's: recover.pruned's "
+                                         r"decision.json \(sha256\) was \w{12}\.\.\., is \w{12}\.\.\. now\. Resume with"):
+        run_stage(tiny(tmp_path / "crashed", cache_dir, *elsewhere, "recover.resume_from=auto"))
 
 
 def test_auto_without_a_checkpoint_names_the_folder_and_the_fix(tmp_path):
@@ -258,13 +274,13 @@ def test_a_checkpoint_of_another_stage_or_no_checkpoint_at_all_is_refused(tmp_pa
         run_stage(tiny(tmp_path, cache_dir, "stage=pretrain", f"pretrain.resume_from={cut}"))
 
 
-def test_recover_refuses_a_prune_output_half_rewritten_by_a_killed_run_and_clears_its_strays(tmp_path, cache_dir):
-    run_stage(tiny(tmp_path / "run", cache_dir, "stage=prune", "pruning=oracle", "callbacks=none"))
-    run_stage(tiny(tmp_path / "other", cache_dir, "stage=prune", "pruning=by_index", "pruning.kept_blocks=[1,2]",
-                   "pruning.num_keep=2", "callbacks=none"))
+def test_recover_refuses_a_prune_output_half_rewritten_by_a_killed_run_and_clears_its_strays(
+    tmp_path, cache_dir, prune_outputs
+):
     folder = tmp_path / "run" / "prune"
+    shutil.copytree(prune_outputs[0], folder)  # a finished prune: blocks [0, 3]
     begin_output_set(folder, "prune")  # what a prune killed between writing pruned.pt and decision.json leaves
-    shutil.copy(tmp_path / "other" / "prune" / "pruned.pt", folder / "pruned.pt")
+    shutil.copy(prune_outputs[1] / "pruned.pt", folder / "pruned.pt")
     killed_writer = ("import os, signal, sys\nfrom tinyfusion_pl.io import atomic_path\n"
                      "with atomic_path(sys.argv[1]) as temporary:\n    temporary.write_bytes(b'half')\n"
                      "    os.kill(os.getpid(), signal.SIGKILL)\n")

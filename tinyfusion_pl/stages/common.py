@@ -147,20 +147,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class StageRecord(Callback):
-    """Writes which stage a checkpoint belongs to into it, so that resuming another stage from it is refused."""
+    """Writes which stage a checkpoint belongs to, and what it was trained on, into it: resuming another stage from
+    it, or the same stage on other inputs, is refused."""
 
-    def __init__(self, stage: str) -> None:
+    def __init__(self, stage: str, inputs: dict[str, str] | None = None) -> None:
         self.stage = stage
+        self.inputs = dict(inputs or {})
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_RECORD] = {"stage": self.stage}
+        checkpoint[CHECKPOINT_RECORD] = {"stage": self.stage, "inputs": self.inputs}
 
 
-def build_trainer(cfg: DictConfig, stage: str, max_steps: int, callbacks: list | None = None, **overrides: Any) -> L.Trainer:
+def build_trainer(cfg: DictConfig, stage: str, max_steps: int, callbacks: list | None = None,
+                  inputs: dict[str, str] | None = None, **overrides: Any) -> L.Trainer:
     """A Trainer from the `trainer` group, with this stage's steps, logger and callbacks, writing into its folder.
 
     Periodic checkpoints (the `callbacks` group's ModelCheckpoint) go to <stage>/checkpoints, written atomically,
-    with the stage's name and the random state of every rank in them, so that `<stage>.resume_from` continues exactly.
+    with the stage's name, its `inputs` (name -> digest) and the random state of every rank in them, so that
+    `<stage>.resume_from` continues exactly.
     """
     root = stage_dir(cfg, stage)
     loggers = build_loggers(cfg, stage)
@@ -173,7 +177,7 @@ def build_trainer(cfg: DictConfig, stage: str, max_steps: int, callbacks: list |
         max_steps=max_steps,
         default_root_dir=str(root),
         logger=loggers or False,
-        callbacks=extra_callbacks + list(callbacks or []) + [RandomStateCheckpoint(), StageRecord(stage)],
+        callbacks=extra_callbacks + list(callbacks or []) + [RandomStateCheckpoint(), StageRecord(stage, inputs)],
         **overrides,
     )
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
@@ -181,11 +185,12 @@ def build_trainer(cfg: DictConfig, stage: str, max_steps: int, callbacks: list |
     return trainer
 
 
-def resume_checkpoint(cfg: DictConfig, stage: str, option: str) -> str | None:
+def resume_checkpoint(cfg: DictConfig, stage: str, option: str, inputs: dict[str, str] | None = None) -> str | None:
     """The Lightning checkpoint that `option` (e.g. pruning.resume_from) names for `stage`, checked; None to start anew.
 
     `auto` takes the newest checkpoint in <run folder>/<stage>/checkpoints, the run folder being the one this run
-    writes to (hydra.run.dir). A checkpoint of another stage, or a file that is not a Lightning checkpoint, is refused.
+    writes to (hydra.run.dir). A checkpoint of another stage, of the same stage trained on other `inputs` (as
+    build_trainer records them), or a file that is not a Lightning checkpoint, is refused.
     """
     value = OmegaConf.select(cfg, option)
     if value in (None, ""):
@@ -204,14 +209,24 @@ def resume_checkpoint(cfg: DictConfig, stage: str, option: str) -> str | None:
         path = candidates[0]
     else:
         path = Path(value)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"{option}={path} does not exist. Pass a checkpoint from <run>/{stage}/"
                                     f"{CHECKPOINT_FOLDER}/ (last.ckpt), or {option}=auto with hydra.run.dir=<the run folder>.")
+    if path.is_dir():  # a sharded (FSDP) checkpoint: a folder that Lightning reads itself
+        return str(path)
     record = checkpoint_record(path, option)
     if record is not None and record.get("stage") != stage:
         raise ValueError(
             f"{option}={path} is a checkpoint of stage={record.get('stage')}, not of stage={stage}. Pass one from "
             f"<run>/{stage}/{CHECKPOINT_FOLDER}/, or {option}=auto with hydra.run.dir=<the run folder>."
+        )
+    recorded = (record or {}).get("inputs", {})
+    changed = [name for name, digest in (inputs or {}).items() if name in recorded and recorded[name] != digest]
+    if changed:
+        raise ValueError(
+            f"{option}={path} was trained on other inputs than this run's: "
+            + "; ".join(f"{name} was {recorded[name][:12]}..., is {inputs[name][:12]}... now" for name in changed)
+            + f". Resume with the inputs the run started from, or drop {option} to start at step 0."
         )
     return str(path)
 

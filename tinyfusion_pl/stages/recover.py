@@ -13,7 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 from tinyfusion_pl import distributed
 from tinyfusion_pl.distill import DistillationModule, layer_pairing
 from tinyfusion_pl.families import family_of
-from tinyfusion_pl.io import begin_output_set, check_output_set, finish_output_set, save_json, save_torch
+from tinyfusion_pl.io import (
+    begin_output_set,
+    check_output_set,
+    file_digest,
+    finish_output_set,
+    save_json,
+    save_torch,
+)
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.pruning.calibration import calibration_batches, calibration_loss
 from tinyfusion_pl.stages.common import (
@@ -104,7 +111,9 @@ def run_recover(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune the pruned model of a prune folder; writes recover/model.pt ({'model','ema'}) and metrics.json."""
     folder = stage_dir(cfg, "recover")
     source = pruned_folder(cfg)
-    resume_from = resume_checkpoint(cfg, "recover", "recover.resume_from")
+    # A resumed recovery must distil the pruned model it started with: its decision is recorded in the checkpoints.
+    inputs = {"recover.pruned's decision.json (sha256)": file_digest(source / "decision.json")}
+    resume_from = resume_checkpoint(cfg, "recover", "recover.resume_from", inputs)
     L.seed_everything(cfg.seed, workers=True)
     decision = read_decision(source)
     student = load_model(cfg, source / pruned_checkpoint_name(source))
@@ -113,7 +122,7 @@ def run_recover(cfg: DictConfig) -> dict[str, Any]:
     batches = calibration_batches(datamodule, cfg.recover.calibration_batches, seed=cfg.seed)
     loss_before = distributed.on_rank_zero(calibration_loss, student, objective, batches, seed=cfg.seed)
     module, teacher_path = build_recovery_module(cfg, student, decision)
-    trainer = build_trainer(cfg, "recover", max_steps=cfg.recover.max_steps)
+    trainer = build_trainer(cfg, "recover", max_steps=cfg.recover.max_steps, inputs=inputs)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     gather_full_weights(module, lambda: load_model(cfg, source / pruned_checkpoint_name(source)))
     return distributed.on_rank_zero(save_recovered, cfg, module, trainer, folder, {
