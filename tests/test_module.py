@@ -181,11 +181,11 @@ def test_cosine_schedule_decays_to_min_lr(tmp_path):
 
 def test_the_count_of_skipped_steps_goes_on_after_a_resume():
     module = DiffusionModule(tiny_dit(depth=1), ema_decay=None, skip_nonfinite_steps=True)
-    module.nonfinite_steps = 3
+    module.nonfinite_steps, module.attempted_steps = 3, 40
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)
     resumed = DiffusionModule(tiny_dit(depth=1), ema_decay=None, skip_nonfinite_steps=True)
     resumed.on_load_checkpoint(checkpoint)
-    assert resumed.nonfinite_steps == 3
+    assert (resumed.nonfinite_steps, resumed.attempted_steps) == (3, 40)  # 3 of 40 is no divergence to stop at
     resumed.on_load_checkpoint({})  # a checkpoint from before the count was saved
     assert resumed.nonfinite_steps == 0

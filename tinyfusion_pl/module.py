@@ -154,9 +154,12 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_steps"] = self.nonfinite_steps  # a resumed run goes on counting
+        checkpoint["attempted_steps"] = self.attempted_steps  # and judges its share of skips over the whole run
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+        # an older checkpoint lacks the count of attempts: at least every skipped step was one
+        self.attempted_steps = checkpoint.get("attempted_steps", self.nonfinite_steps)
 
     def log_terms(self, split: str, terms: dict[str, torch.Tensor], batch_size: int) -> None:
         for name, value in terms.items():
