@@ -266,7 +266,7 @@ def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path):
     with torch.no_grad():
         teacher.final_layer.linear.bias.fill_(math.nan)  # the teacher's output, hence KD, is NaN
     student_before = copy.deepcopy(student.state_dict())
-    module = DistillationModule(student, teacher, lr=1e-2, ema_decay=None)
+    module = DistillationModule(student, teacher, lr=1e-2, ema_decay=None, max_nonfinite_fraction=1.0)
     trainer = quick_trainer(tmp_path, max_steps=3)
     trainer.fit(module, train_dataloaders=digit_like_loader())
     assert module.nonfinite_steps == 3

@@ -32,6 +32,7 @@ from tinyfusion_pl.evaluation import (
     speed_table,
     uint8_to_images,
 )
+from tinyfusion_pl.evaluation.sampling import batch_seed
 from tinyfusion_pl.evaluation.speed import interleaved_seconds
 from tinyfusion_pl.families import ModelFamily
 from tinyfusion_pl.models import DiT, build_dit, build_sit
@@ -114,12 +115,24 @@ def test_an_untrained_dit_samples_the_ddim_closed_form_batch_by_batch():
     labels = class_balanced_labels(5, 10)
     samples = sample_images(net, GaussianDiffusion(), labels, steps=10, method="ddim", batch_size=3, seed=7,
                             progress=False)
-    generator = torch.Generator().manual_seed(7)
-    noise = torch.cat([torch.randn(3, 1, 8, 8, generator=generator), torch.randn(2, 1, 8, 8, generator=generator)])
+    # each batch draws from its own stream, seeded by the seed and the number of its first image
+    noise = torch.cat([torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(batch_seed(7, 0))),
+                       torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(batch_seed(7, 3)))])
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
     first_step = 900  # "ddim10" keeps 0, 100, ..., 900
     abar = np.prod(1.0 - betas[: first_step + 1])
     torch.testing.assert_close(samples, noise / math.sqrt(abar), rtol=1e-5, atol=1e-5)
+
+
+def test_a_share_sampled_in_the_same_batches_gives_the_same_images():
+    # what a rank of a data-parallel evaluation samples: batches 2 and 3 of 4, numbered from image 6
+    net, objective = tiny_dit(depth=1), GaussianDiffusion()
+    labels = class_balanced_labels(11, 10)
+    options = dict(steps=3, method="ddpm", batch_size=3, seed=5, progress=False)  # ddpm: noise at every step
+    whole = sample_images(net, objective, labels, **options)
+    share = sample_images(net, objective, labels[6:], first_index=6, **options)
+    assert torch.equal(share, whole[6:])
+    assert not torch.equal(sample_images(net, objective, labels[6:], **options), whole[6:])
 
 
 def test_sampling_restores_train_mode_and_applies_decode_per_batch():

@@ -8,6 +8,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from tests.conftest import quick_trainer, tiny_dit
 from tinyfusion_pl.data import DigitsDataModule
+from tinyfusion_pl.evaluation.sampling import batch_seed
 from tinyfusion_pl.module import DiffusionModule, load_weights
 from tinyfusion_pl.objectives import GaussianDiffusion
 
@@ -81,7 +82,7 @@ def test_sample_equals_the_objective_sampler_on_the_ema_net():
     module = DiffusionModule(tiny_dit(), ema_decay=0.9)
     labels = torch.tensor([1, 2])
     samples = module.sample(labels, steps=4, method="ddim", seed=3)
-    generator = torch.Generator().manual_seed(3)
+    generator = torch.Generator().manual_seed(batch_seed(3, 0))  # the stream of the batch that starts at image 0
     noise = torch.randn(2, 1, 8, 8, generator=generator)
     net = module.ema.module.eval()
     expected = GaussianDiffusion().sample(net, noise, model_kwargs={"y": labels}, steps=4, method="ddim",
@@ -136,6 +137,31 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     assert all(torch.isfinite(p).all() for p in module.net.parameters())
 
 
+class AlwaysNaN(nn.Module):
+    """A DiT whose every output is NaN: a run that has diverged for good."""
+
+    def __init__(self):
+        super().__init__()
+        self.dit = tiny_dit(depth=1)
+
+    def forward(self, x, t, y):
+        return self.dit(x, t, y) * float("nan")
+
+
+@pytest.mark.parametrize("max_steps", [3, 30])  # judged at the end of a short run, after 10 steps of a long one
+def test_a_run_of_mostly_nonfinite_steps_stops_naming_the_likely_causes(tmp_path, max_steps):
+    module = DiffusionModule(AlwaysNaN(), ema_decay=None, skip_nonfinite_steps=True, lr=1e-2)
+    with pytest.raises(RuntimeError, match=r"training steps had a non-finite loss .* learning rate \(lr=0.01\) is "
+                                           r"too high.*precision \(32-true\)"):
+        quick_trainer(tmp_path, max_steps=max_steps).fit(module, datamodule=DigitsDataModule(batch_size=8))
+    assert module.nonfinite_steps == min(max_steps, 10) == module.attempted_steps
+
+
+def test_max_nonfinite_fraction_is_checked():
+    with pytest.raises(ValueError, match=r"max_nonfinite_fraction=1.5 must be a number in \[0, 1\]"):
+        DiffusionModule(tiny_dit(depth=1), max_nonfinite_fraction=1.5)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"lr": 0.0}, "lr=0.0 must be > 0"), ({"lr_schedule": "step"}, "lr_schedule='step' is not one of"),
@@ -155,11 +181,11 @@ def test_cosine_schedule_decays_to_min_lr(tmp_path):
 
 def test_the_count_of_skipped_steps_goes_on_after_a_resume():
     module = DiffusionModule(tiny_dit(depth=1), ema_decay=None, skip_nonfinite_steps=True)
-    module.nonfinite_steps = 3
+    module.nonfinite_steps, module.attempted_steps = 3, 40
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)
     resumed = DiffusionModule(tiny_dit(depth=1), ema_decay=None, skip_nonfinite_steps=True)
     resumed.on_load_checkpoint(checkpoint)
-    assert resumed.nonfinite_steps == 3
+    assert (resumed.nonfinite_steps, resumed.attempted_steps) == (3, 40)  # 3 of 40 is no divergence to stop at
     resumed.on_load_checkpoint({})  # a checkpoint from before the count was saved
     assert resumed.nonfinite_steps == 0

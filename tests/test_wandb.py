@@ -47,3 +47,10 @@ def test_images_table_and_artifacts_reach_wandb(wandb_pipeline):
     assert list((media / "table" / "report").glob("table*.table.json"))
     records = run_records(report_run)
     assert b"pruned.pt" in records and b"recovered" in records
+
+
+def test_the_stage_runs_of_one_run_folder_share_a_group(wandb_pipeline):
+    for stage in ("pretrain", "prune", "recover", "report"):
+        (run,) = offline_runs(wandb_pipeline / stage)
+        records = run_records(run)
+        assert str(wandb_pipeline).encode() in records and stage.encode() in records, stage  # group, job type

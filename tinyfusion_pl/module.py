@@ -17,6 +17,8 @@ from tinyfusion_pl.models.checkpoints import extract_state_dict, load_checkpoint
 from tinyfusion_pl.objectives import DiffusionObjective, GaussianDiffusion, split_batch
 
 LR_SCHEDULES = ("constant", "cosine")
+# Steps after which a run that skips most of its steps as non-finite is stopped (shorter runs: at their end).
+NONFINITE_JUDGED_AFTER = 10
 
 
 def load_weights(net: nn.Module, checkpoint: str | dict, prefer: str = "ema") -> None:
@@ -49,6 +51,7 @@ class DiffusionModule(L.LightningModule):
         init_checkpoint: str | None = None,
         init_from: str = "ema",
         skip_nonfinite_steps: bool = False,
+        max_nonfinite_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -57,6 +60,10 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"lr_schedule='{lr_schedule}' is not one of {LR_SCHEDULES}.")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay={ema_decay} must be in [0, 1), or None to keep no EMA.")
+        if isinstance(max_nonfinite_fraction, bool) or not isinstance(max_nonfinite_fraction, (int, float)) \
+                or not 0.0 <= max_nonfinite_fraction <= 1.0:
+            raise ValueError(f"max_nonfinite_fraction={max_nonfinite_fraction!r} must be a number in [0, 1] (the share "
+                             "of skipped non-finite steps at which training stops; 1.0 never stops).")
         if init_from not in ("ema", "model"):
             raise ValueError(f"init_from='{init_from}' must be 'ema' or 'model'.")
         self.save_hyperparameters(ignore=["net", "objective"])
@@ -69,6 +76,8 @@ class DiffusionModule(L.LightningModule):
             self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
         self.nonfinite_steps = 0
+        self.attempted_steps = 0
+        self._skipping_step = False
         self._last_step_time: float | None = None
 
     # ------------------------------------------------------------------ training
@@ -87,21 +96,70 @@ class DiffusionModule(L.LightningModule):
         loss = terms["loss"].mean()
         self.log_terms("train", terms, batch_size=len(terms["loss"]))
         self.log_throughput(len(terms["loss"]))
-        if self.hparams.skip_nonfinite_steps and not torch.isfinite(loss):
+        if self.hparams.skip_nonfinite_steps and self.nonfinite_on_any_rank(loss):
             return self.skip_step()
         return loss
 
-    def skip_step(self) -> None:
-        """Count and log a step whose loss is not finite; returning None makes Lightning skip the update."""
+    def nonfinite_on_any_rank(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is NaN or infinite on any rank: one rank's skip is every rank's skip.
+
+        A rank that skipped its backward while another stepped would leave that one waiting in the gradient
+        all-reduce; agreeing first keeps every rank on the same steps (and the weights in step).
+        """
+        self.attempted_steps += 1
+        nonfinite = (~torch.isfinite(loss.detach())).float()
+        if self.trainer.world_size > 1:
+            nonfinite = self.trainer.strategy.reduce(nonfinite, reduce_op="sum")
+        return bool(nonfinite > 0)
+
+    def skip_step(self) -> torch.Tensor | None:
+        """Count and log a step whose loss is not finite, and make it change nothing.
+
+        One process returns None, which makes Lightning skip the update. Lightning refuses None under DDP, so
+        there every rank returns a zero loss that reaches each trainable parameter (DDP's gradient all-reduce
+        runs as on any step) and on_before_optimizer_step drops the gradients: the optimizer leaves every
+        parameter and its state as they were, as with None. A run whose steps are mostly non-finite stops
+        (max_nonfinite_fraction): it has diverged, and skipping on would only hide it.
+        """
         self.nonfinite_steps += 1
         self.log("train/nonfinite_steps", float(self.nonfinite_steps))
-        return None
+        if self.attempted_steps >= NONFINITE_JUDGED_AFTER:
+            self.check_nonfinite_share()
+        self._skipping_step = True
+        if self.trainer.world_size == 1:
+            return None
+        return sum((parameter * 0).sum() for parameter in self.parameters() if parameter.requires_grad)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skipping_step:  # a skipped step: no gradient, so the optimizer moves nothing (gates included)
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.grad = None
+        self._skipping_step = False
+
+    def on_train_end(self) -> None:
+        if self.hparams.skip_nonfinite_steps and self.attempted_steps:  # short runs are judged at their end
+            self.check_nonfinite_share()
+
+    def check_nonfinite_share(self) -> None:
+        """Stop with the likely causes when more than max_nonfinite_fraction of the steps so far were non-finite."""
+        if self.nonfinite_steps <= self.hparams.max_nonfinite_fraction * self.attempted_steps:
+            return
+        raise RuntimeError(
+            f"{self.nonfinite_steps} of {self.attempted_steps} training steps had a non-finite loss (NaN or inf) and "
+            f"were skipped: training diverged. Likely causes: the learning rate (lr={self.hparams.lr}) is too high, "
+            f"lower it; or the precision ({self.trainer.precision}) cannot hold the values, use trainer.precision=32-true or "
+            "bf16-mixed instead of 16-mixed. Nothing of this stage was saved."
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_steps"] = self.nonfinite_steps  # a resumed run goes on counting
+        checkpoint["attempted_steps"] = self.attempted_steps  # and judges its share of skips over the whole run
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+        # an older checkpoint lacks the count of attempts: at least every skipped step was one
+        self.attempted_steps = checkpoint.get("attempted_steps", self.nonfinite_steps)
 
     def log_terms(self, split: str, terms: dict[str, torch.Tensor], batch_size: int) -> None:
         for name, value in terms.items():
@@ -141,6 +199,38 @@ class DiffusionModule(L.LightningModule):
         # a checkpoint taken at the end of a step then holds the EMA of that step, and a resumed run misses none.
         if self.ema is not None:
             self.ema.update_parameters(self.net)
+
+    # ------------------------------------------------------------------ sharding (trainer=fsdp2)
+    def configure_model(self) -> None:
+        """Under Lightning's ModelParallelStrategy: FSDP2 over the net, one unit per block of its family, and the
+        EMA copy alike (so that its update pairs shards with shards). Other strategies leave the module as it is."""
+        if self.device_mesh is None:
+            return
+        from tinyfusion_pl.strategies import shard_family_blocks
+
+        mesh = self.device_mesh["data_parallel"]
+        shard_family_blocks(self.net, mesh)
+        if self.ema is not None:
+            shard_family_blocks(self.ema.module, mesh)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if self.device_mesh is None or not gradient_clip_val or gradient_clip_algorithm not in (None, "norm"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        # FSDP2's weights are DTensors and a mask's gate logits plain tensors; torch takes norms of one kind at a
+        # time, so the global norm is put together from both and each kind is scaled by the same factor.
+        from torch.distributed.tensor import DTensor
+
+        parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        kinds = [kind for kind in ([p for p in parameters if isinstance(p.grad, DTensor)],
+                                   [p for p in parameters if not isinstance(p.grad, DTensor)]) if kind]
+        norms = [torch.nn.utils.get_total_norm([p.grad for p in kind]) for kind in kinds]
+        norms = [norm.full_tensor() if isinstance(norm, DTensor) else norm for norm in norms]
+        total = torch.linalg.vector_norm(torch.stack([norm.to(self.device) for norm in norms]))
+        for kind in kinds:
+            torch.nn.utils.clip_grads_with_norm_(kind, gradient_clip_val, total)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+import torch.distributed
 import torch.nn as nn
 from hydra.utils import get_class
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from tinyfusion_pl.families import find_family
 
@@ -60,3 +62,31 @@ def fsdp_strategy(
         sharding_strategy=sharding_strategy,
         state_dict_type=state_dict_type,
     )
+
+
+def fsdp2_strategy(**kwargs) -> ModelParallelStrategy:
+    """FSDP2 through Lightning's ModelParallelStrategy: every process holds one data-parallel shard (no tensor
+    parallelism). The modules shard themselves in `configure_model` (DiffusionModule: one unit per block of the
+    model's family, see shard_family_blocks). train.py starts the processes before any Trainer is built, so their
+    number is known here."""
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    processes = torch.distributed.get_world_size() if initialized else 1
+    return ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1, **kwargs)
+
+
+def shard_family_blocks(root: nn.Module, mesh: torch.distributed.device_mesh.DeviceMesh) -> None:
+    """FSDP2 (`fully_shard`) on every block of every model under `root` that a family describes, then on `root`.
+
+    A block is one shard unit whatever its parameters need: frozen bases and trainable adapters (LoRA) sit in
+    the same unit, as FSDP2 shards each parameter on its own.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = [block for module in root.modules() if (family := find_family(module)) is not None
+              for path in family.blocks for block in module.get_submodule(path)]
+    if not blocks:
+        raise ValueError(f"no model family describes a model inside {type(root).__name__}, so FSDP2 cannot tell its "
+                         "blocks: describe it (tinyfusion_pl.families) or use trainer=ddp.")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(root, mesh=mesh)

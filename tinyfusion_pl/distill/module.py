@@ -230,6 +230,6 @@ class DistillationModule(DiffusionModule):
         if self.feature_pairs:
             self.log("train/beta", feature_weight)
         self.log_throughput(len(terms["loss"]))
-        if self.hparams.skip_nonfinite_steps and not torch.isfinite(loss):
+        if self.hparams.skip_nonfinite_steps and self.nonfinite_on_any_rank(loss):
             return self.skip_step()
         return loss

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed
 import torch.nn as nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -63,25 +64,34 @@ class FIDScorer:
         return int(self.metric.real_features_num_samples)
 
     def set_reference(self, images: torch.Tensor | np.ndarray) -> None:
-        """Replace the reference statistics by those of `images` (uint8, N >= 2)."""
-        images = self._checked(images, "reference images")
+        """Replace the reference statistics by those of `images` (uint8, N >= 2).
+
+        Under torch.distributed every process passes the whole reference set and adds its own part of it:
+        torchmetrics sums the parts when it computes, so the statistics are those of the whole set.
+        """
+        images = self._checked(images, "reference images", shared=False)
+        rank, processes = _process_rank()
         self.metric.reset_real_features = True
         self.metric.reset()
         self.metric.reset_real_features = False
-        self._add(images, real=True)
+        self._add(images[rank * len(images) // processes: (rank + 1) * len(images) // processes], real=True)
 
     def score(self, images: torch.Tensor | np.ndarray) -> float:
-        """FID between `images` (uint8, N >= 2) and the reference set."""
-        if self.reference_size < 2:
+        """FID between `images` (uint8, N >= 2) and the reference set.
+
+        Under torch.distributed each process passes its own share of the samples (every process calls this
+        together): torchmetrics gathers their feature statistics, so the distance is that of all of them.
+        """
+        if self.reference_size < 1:
             raise RuntimeError("FIDScorer has no reference statistics: call set_reference(real_images) first.")
-        images = self._checked(images, "images")
+        images = self._checked(images, "images", shared=True)
         self.metric.reset()
         self._add(images, real=False)
         return float(self.metric.compute())
 
-    def _checked(self, images: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
+    def _checked(self, images: torch.Tensor | np.ndarray, name: str, shared: bool = False) -> torch.Tensor:
         images = check_uint8_nhwc(images, name)
-        if len(images) < 2:
+        if len(images) < 2 and not (shared and _process_rank()[1] > 1):  # a share may be small; the union counts
             raise ValueError(f"{name} hold {len(images)} image(s); FID needs at least 2 (a covariance), and far more "
                              "than the feature width for a stable value.")
         if images.shape[-1] != self.channels and not (images.shape[-1] == 1 and self.channels == 3):
@@ -104,8 +114,16 @@ class FIDScorer:
             yield batch
 
     def _add(self, images: torch.Tensor, real: bool) -> None:
+        # a process without a share adds nothing (no batch), and still joins the sync in compute()
         for batch in self._batches(images):
             self.metric.update(batch, real=real)
+
+
+def _process_rank() -> tuple[int, int]:
+    """(rank, number of processes) of the torch.distributed group torchmetrics syncs over; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def digits_fid(classifier: DigitsClassifier, image_size: int, batch_size: int = 500) -> FIDScorer:

@@ -70,6 +70,7 @@ def sample_images(
     progress: bool = True,
     description: str = "sampling",
     family: ModelFamily | None = None,
+    first_index: int = 0,
     **sampler_options: Any,
 ) -> torch.Tensor:
     """Class-conditional samples (N, ...) for `labels`, drawn batch by batch on the net's device, on the CPU.
@@ -79,7 +80,9 @@ def sample_images(
     DiT's reproduction setting. `sampler_options` go to `objective.sample` (GaussianDiffusion: steps, method,
     eta, clip_denoised; FlowMatching: steps, method, ...), which checks them before anything runs. The same
     seed and batch size give the same starting noise to every net, so a teacher and its pruned student can be
-    compared sample by sample. `decode` maps each batch of the net's samples to images in [-1, 1] (a VAE
+    compared sample by sample. Each batch draws its noise from its own stream, seeded by `seed` and the number of
+    its first image (`first_index` numbers the first of `labels`): a share of the images, sampled in the same
+    batches elsewhere (another rank), comes out as the same images. `decode` maps each batch of the net's samples to images in [-1, 1] (a VAE
     decoder for latent models, see sd_vae_decoder); without it the net's samples are returned as they are.
     """
     family = family_of(net) if family is None else family
@@ -90,14 +93,15 @@ def sample_images(
     if cfg_scale > 1.0:
         model = objective.guided_model(net, cfg_scale, null_label=family.null_label(net),
                                        guidance_channels=guidance_channels)
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator(device)
     shape = family.sample_shape(net)
     batches = []
     was_training = net.training
     net.eval()  # a DiT in train mode would drop labels at random
     try:
         with tqdm(total=len(labels), desc=description, unit="img", disable=not progress) as bar:
-            for batch_labels in labels.split(batch_size):
+            for start, batch_labels in zip(range(0, len(labels), batch_size), labels.split(batch_size), strict=True):
+                generator.manual_seed(batch_seed(seed, first_index + start))
                 noise = torch.randn((len(batch_labels), *shape), device=device, generator=generator)  # (B, C, H, W)
                 samples = objective.sample(model, noise, model_kwargs=family.condition(batch_labels.to(device)),
                                            generator=generator, **sampler_options)  # (B, C, H, W)
@@ -108,6 +112,11 @@ def sample_images(
     finally:
         net.train(was_training)
     return torch.cat(batches)  # (N, C, H, W)
+
+
+def batch_seed(seed: int, first_image: int) -> int:
+    """The seed of the random stream of the sampling batch that starts at image number `first_image`."""
+    return int(np.random.SeedSequence([seed, first_image]).generate_state(1, np.uint64)[0])
 
 
 def images_to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl.io import save_text, write_atomically
@@ -98,6 +99,8 @@ class SweepSummary(Callback):
     """Hydra callback: when a multirun ends, summarise its jobs in the sweep folder."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if rank_zero_only.rank != 0:  # every rank of a data-parallel sweep ends it; one writes the summary
+            return
         written = summarize_sweep(config.hydra.sweep.dir)
         if written:
             print(f"Sweep summary: {written[0]} and {written[1]}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from tinyfusion_pl import distributed
 from tinyfusion_pl.callbacks.random_state import RandomStateCheckpoint
 from tinyfusion_pl.families import ModelFamily, family_of
 from tinyfusion_pl.io import (
@@ -40,6 +43,7 @@ from tinyfusion_pl.objectives import DiffusionObjective
 # Keys of the `sampling` group that are not options of the objective's sampler.
 SAMPLING_SETTINGS = ("cfg_scale", "samples_per_class", "progress")
 JUDGES = ("digits", None)
+SWEEP_DIR_VARIABLE = "TINYFUSION_SWEEP_DIR"
 CHECKPOINT_FOLDER = "checkpoints"  # <stage>/checkpoints: the periodic Lightning checkpoints of a training stage
 CHECKPOINT_RECORD = "tinyfusion_pl"  # the entry of a Lightning checkpoint that says which stage wrote it
 
@@ -48,15 +52,88 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
     """The folder of one stage inside the run folder (created), rid of the temporaries a killed run left there."""
     path = Path(cfg.paths.run_dir) / stage
     path.mkdir(parents=True, exist_ok=True)
-    remove_stray_temporaries(path)
-    remove_stray_temporaries(path.parent, recursive=False)  # the run folder's own files (report.md, metrics.json)
+    if distributed.global_rank() == 0:  # the only rank that writes: another could take its temporaries for strays
+        remove_stray_temporaries(path)
+        remove_stray_temporaries(path.parent, recursive=False)  # the run folder's own files (report.md, metrics.json)
     return path
 
 
+def start_processes(cfg: DictConfig) -> None:
+    """Start the processes the `trainer` group asks for (one per device and node) before any stage runs.
+
+    Every rank then runs the stages in step and writes into rank zero's run folder (ranks that torchrun or
+    srun started apart may have stamped their own folders with another second).
+    """
+    trainer = cfg.trainer
+    strategy = trainer.get("strategy")
+    target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
+    if "fsdp_strategy" in target or target.endswith("FSDPStrategy") or target == "fsdp":
+        if trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
+            raise ValueError(
+                "trainer=fsdp (Lightning's FSDPStrategy) needs CUDA GPUs, and this machine has none. On CPUs shard "
+                "with trainer=fsdp2 trainer.accelerator=cpu (FSDP2 over gloo), or replicate with trainer=ddp "
+                "trainer.accelerator=cpu."
+            )
+    if "spawn" in target or "notebook" in target:
+        raise ValueError(f"trainer.strategy={target} starts its processes inside trainer.fit, but every stage "
+                         "of train.py runs on every rank: use trainer.strategy=ddp.")
+    name_the_sweep_folder()
+    processes = distributed.start_processes(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"),
+                                            trainer.get("num_nodes", 1))
+    if processes is not None:
+        cfg.paths.run_dir = processes.broadcast(str(cfg.paths.run_dir), src=0)
+
+
+def name_the_sweep_folder() -> None:
+    """In a Hydra sweep, pass its folder to the ranks Lightning is about to start (conf/train.yaml reads it).
+
+    Lightning re-runs `python train.py -m ...` for them, so they run the same jobs in step; without this they
+    would stamp their own sweep folder with the second they started in.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        os.environ.setdefault(SWEEP_DIR_VARIABLE, str(HydraConfig.get().sweep.dir))
+
+
 def build_loggers(cfg: DictConfig, stage: str) -> list[Logger]:
-    """The `logger` group's loggers for one stage, writing into its folder."""
+    """The `logger` group's loggers for one stage, writing into its folder (W&B: grouped, see wandb_run_settings)."""
     root = stage_dir(cfg, stage)
-    return [instantiate(node, save_dir=str(root)) for node in (cfg.logger or {}).values()]
+    # merged into the node, not passed as keywords: `config` is also instantiate's own first argument
+    return [instantiate(OmegaConf.merge(OmegaConf.to_container(node, resolve=True), wandb_run_settings(cfg, node, stage))
+                        if is_wandb(node) else node, save_dir=str(root))
+            for node in (cfg.logger or {}).values()]
+
+
+WANDB_TARGETS = ("tinyfusion_pl.loggers.wandb_logger", "lightning.pytorch.loggers.WandbLogger",
+                 "lightning.pytorch.loggers.wandb.WandbLogger")
+
+
+def is_wandb(node: DictConfig) -> bool:
+    return node.get("_target_") in WANDB_TARGETS
+
+
+def wandb_run_settings(cfg: DictConfig, node: DictConfig, stage: str) -> dict[str, Any]:
+    """group, job_type and config of one stage's W&B run.
+
+    The stage runs of one run folder share a group (its path), and so do all jobs of a Hydra sweep (the sweep
+    folder's path), each with its overrides (the swept values among them) in its config. A group set in the
+    `logger` group wins. Only global rank zero ever creates the run (WandbLogger's experiment is rank-zero-only).
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    settings: dict[str, Any] = {"job_type": stage, "_convert_": "all"}  # W&B takes plain dicts, not DictConfig
+    group = str(cfg.paths.run_dir)
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        group = str(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else str(hydra.runtime.output_dir)
+        overrides = {key: value for key, _, value in (item.partition("=") for item in hydra.overrides.task)}
+        settings["config"] = {"overrides": overrides, "job": hydra.job.get("num")}
+    if node.get("group") is None:
+        settings["group"] = group
+    return settings
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -313,6 +390,27 @@ def check_objective(cfg: DictConfig) -> None:
                          "e.g. experiment=mar_digits).")
 
 
+def gather_full_weights(module: DiffusionModule, fresh_net: Callable[[], nn.Module]) -> None:
+    """After a sharded fit (trainer=fsdp2): put plain nets with the full weights back into `module` (net and EMA).
+
+    Every rank takes part in the gather; afterwards each holds whole models, so rank zero alone can export, sample
+    and score them. `fresh_net` builds an unsharded net of the same architecture to load the weights into.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(parameter, DTensor) for parameter in module.net.parameters()):
+        return
+    options = StateDictOptions(full_state_dict=True)
+    for owner, name in ((module, "net"), (module.ema, "module")):
+        if owner is None:
+            continue
+        full = get_model_state_dict(getattr(owner, name), options=options)
+        plain = fresh_net()
+        plain.load_state_dict(full)
+        setattr(owner, name, plain.to(module.device))
+
+
 def checkpoint_payload(module: DiffusionModule, cfg: DictConfig) -> dict[str, Any]:
     """The reference code's checkpoint layout ({'model', 'ema'}) plus the config that made it."""
     payload = {"model": module.net.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True)}
@@ -339,6 +437,12 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
             f"no full batch (data.batch_size={cfg.data.batch_size} is larger than the training split?). Lower "
             "data.batch_size; nothing was saved or cached."
         )
+    gather_full_weights(module, lambda: instantiate(cfg.model))
+    return distributed.on_rank_zero(save_pretrained_teacher, cfg, module, trainer, folder)
+
+
+def save_pretrained_teacher(cfg: DictConfig, module: DiffusionModule, trainer: L.Trainer, folder: Path) -> dict[str, Any]:
+    """What stage=pretrain writes once its fit ended (on global rank zero): the checkpoint, its cache entry, samples."""
     payload = checkpoint_payload(module, cfg)
     begin_output_set(folder, "pretrain")
     checkpoint = save_torch(payload, folder / "model.pt")

@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tinyfusion_pl import distributed
 from tinyfusion_pl.io import save_json, save_text, write_atomically
 from tinyfusion_pl.stages.common import resolve_teacher_checkpoint
 from tinyfusion_pl.stages.evaluate import check_settings, run_evaluate
@@ -102,6 +103,13 @@ def run_compare_selectors(cfg: DictConfig) -> dict[str, Any]:
                                         "evaluate": {"models": ["teacher"]}})
     teacher = run_evaluate(teacher_cfg)["teacher"]
     rows = comparison_rows(cfg)
+    distributed.on_rank_zero(write_comparison, cfg, teacher, rows)
+    return {"teacher": teacher, "selectors": rows}
+
+
+def write_comparison(cfg: DictConfig, teacher: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """comparison.csv, .json, .md and the calibration-against-FID plot (once, on global rank zero)."""
+    run_dir = Path(cfg.paths.run_dir)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
@@ -111,4 +119,3 @@ def run_compare_selectors(cfg: DictConfig) -> dict[str, Any]:
     plot_calibration_against_fid(rows, run_dir / "calibration_vs_fid.png")
     save_text(comparison_markdown(rows, teacher, cfg), run_dir / "comparison.md")
     print(f"Comparison: {run_dir / 'comparison.md'}")
-    return {"teacher": teacher, "selectors": rows}

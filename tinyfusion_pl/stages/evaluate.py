@@ -10,13 +10,11 @@ import torch
 import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torchmetrics.aggregation import MeanMetric
 
+from tinyfusion_pl import distributed
 from tinyfusion_pl.data.digits import load_digits_tensors
-from tinyfusion_pl.evaluation.digits_classifier import (
-    DigitsClassifier,
-    conditional_accuracy,
-    load_or_train_digits_classifier,
-)
+from tinyfusion_pl.evaluation.digits_classifier import DigitsClassifier, load_or_train_digits_classifier
 from tinyfusion_pl.evaluation.fid import FIDScorer, digits_fid, inception_fid
 from tinyfusion_pl.evaluation.sampling import (
     IMAGE_CHANNELS,
@@ -200,8 +198,8 @@ def evaluate_nets(
     settings, sampling = cfg.evaluate, cfg.sampling
     device = evaluation_device(cfg)
     decode = latent_decoder(cfg, device)
-    classifier = digits_judge(cfg)
-    scorer, fid_description = fid_scorer(cfg, device, classifier)
+    classifier = distributed.rank_zero_first(digits_judge, cfg)  # rank zero trains and caches it on first use
+    scorer, fid_description = distributed.rank_zero_first(fid_scorer, cfg, device, classifier)
     nets = {name: net.to(device).eval() for name, net in nets.items()}
     objective = instantiate(cfg.objective)
     options = sampler_options(cfg, objective)
@@ -209,25 +207,27 @@ def evaluate_nets(
     for name, net in nets.items():
         num_classes = family_of(net).num_classes(net)
         labels = class_balanced_labels(settings.num_samples, num_classes)
-        samples = sample_images(net, objective, labels, cfg_scale=sampling.cfg_scale, batch_size=settings.batch_size,
-                                seed=cfg.seed, decode=decode, progress=sampling.progress,
-                                description=f"sampling {name}", **options)
-        images = images_to_uint8(samples)  # (N, H, W, C), the form every score and file uses
-        result: dict[str, Any] = {"fid": None if scorer is None else scorer.score(images)}
+        # Each rank samples its share of the images, in whole sampling batches: the union is what one process
+        # samples. FID and accuracy gather the ranks' statistics through torchmetrics' sync.
+        start, stop = distributed.share(len(labels), settings.batch_size)
+        images = images_to_uint8(sample_images(
+            net, objective, labels[start:stop], cfg_scale=sampling.cfg_scale, batch_size=settings.batch_size,
+            seed=cfg.seed, decode=decode, progress=sampling.progress, description=f"sampling {name}",
+            first_index=start, **options,
+        )) if stop > start else None  # (n, H, W, C), the form every score and file uses
+        images = distributed.gather_shares(images)  # every image, in order, on every rank
+        result: dict[str, Any] = {"fid": None if scorer is None else scorer.score(images[start:stop])}
         if classifier is not None:
-            result["conditional_accuracy"] = conditional_accuracy(classifier, uint8_to_images(images), labels)
-        if settings.save_npz:
-            result["samples"] = str(save_npz(folder / f"samples_{name}.npz", images, labels))
-        if sampling.samples_per_class > 0:
-            grid = folder / f"samples_{name}.png"
-            save_sample_grid(images, grid, num_classes, rows=sampling.samples_per_class,
-                             title=_grid_title(name, net, result))
-            result["grid"] = str(grid)
+            result["conditional_accuracy"] = shared_accuracy(classifier, images[start:stop], labels[start:stop])
+        result.update(distributed.on_rank_zero(save_samples, cfg, name, net, images, labels, folder, result))
         results[name] = result
     timed_options = {key: value for key, value in options.items() if key != "steps"}
-    speed = sampling_speed(nets, objective, batch_size=settings.speed.batch_size, steps=settings.speed.steps,
-                           sampler_steps=sampling.steps, cfg_scale=sampling.cfg_scale, repeats=settings.speed.repeats,
-                           warmup=settings.speed.warmup, reference=reference, **timed_options)
+    # timed on one device (rank zero's) while the other ranks wait: the figures are per device
+    speed = distributed.on_rank_zero(
+        sampling_speed, nets, objective, batch_size=settings.speed.batch_size, steps=settings.speed.steps,
+        sampler_steps=sampling.steps, cfg_scale=sampling.cfg_scale, repeats=settings.speed.repeats,
+        warmup=settings.speed.warmup, reference=reference, **timed_options,
+    )
     for name in nets:
         results[name] = {**speed[name], **results[name]}
     return {
@@ -239,6 +239,32 @@ def evaluate_nets(
             "speed_repeats": settings.speed.repeats,
         },
     }
+
+
+@torch.no_grad()
+def shared_accuracy(classifier: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Conditional accuracy of this rank's share of the samples, averaged over every rank's (torchmetrics' sync)."""
+    device = next(classifier.parameters()).device
+    metric = MeanMetric().to(device)
+    if len(images):
+        metric.update((classifier(uint8_to_images(images).to(device)).argmax(1) == labels.to(device)).float())
+    return float(metric.compute())
+
+
+def save_samples(
+    cfg: DictConfig, name: str, net: nn.Module, images: torch.Tensor, labels: torch.Tensor, folder: Path,
+    result: dict[str, Any],
+) -> dict[str, str]:
+    """samples_<name>.npz and its grid, written once: the files stage=evaluate lists in metrics.json."""
+    written = {}
+    if cfg.evaluate.save_npz:
+        written["samples"] = str(save_npz(folder / f"samples_{name}.npz", images, labels))
+    if cfg.sampling.samples_per_class > 0:
+        grid = folder / f"samples_{name}.png"
+        save_sample_grid(images, grid, family_of(net).num_classes(net), rows=cfg.sampling.samples_per_class,
+                         title=_grid_title(name, net, result))
+        written["grid"] = str(grid)
+    return written
 
 
 def _grid_title(name: str, net: nn.Module, result: dict[str, Any]) -> str:
@@ -268,5 +294,5 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     if {"teacher", "pruned"} <= set(nets):
         metrics["speedup"] = metrics["pruned"]["speedup"]
         metrics["ideal_speedup"] = metrics["pruned"]["ideal_speedup"]
-    save_json(metrics, folder / "metrics.json")
+    distributed.on_rank_zero(save_json, metrics, folder / "metrics.json")
     return metrics

@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from tinyfusion_pl import distributed
 from tinyfusion_pl.io import save_json, save_text
 from tinyfusion_pl.loggers import log_artifact, log_images, log_table
 from tinyfusion_pl.stages.common import (
@@ -91,15 +92,19 @@ def sampler_description(cfg: DictConfig) -> str:
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     """Run every stage on the configured model and data; write report.md and metrics.json in the run folder."""
     check_settings(cfg)  # a bad evaluate or sampling setting stops the run before anything is trained
-    run_dir = Path(cfg.paths.run_dir)
     seconds: dict[str, float] = {}
     for stage, run in (("teacher", resolve_teacher_checkpoint), ("prune", run_prune), ("recover", run_recover),
                        ("evaluate", run_evaluate)):
         start = time.perf_counter()
         result = run(cfg)
         seconds[stage] = time.perf_counter() - start
-    decision = read_decision(run_dir / "prune")
-    metrics = summary_metrics(result, decision)
+    return distributed.on_rank_zero(write_report, cfg, result, seconds)
+
+
+def write_report(cfg: DictConfig, evaluation: dict[str, Any], seconds: dict[str, float]) -> dict[str, Any]:
+    """metrics.json, report.md and the W&B report run of a finished pipeline (once, on global rank zero)."""
+    run_dir = Path(cfg.paths.run_dir)
+    metrics = summary_metrics(evaluation, read_decision(run_dir / "prune"))
     save_json(metrics, run_dir / "metrics.json")
     save_text(report_markdown(cfg, metrics, seconds), run_dir / "report.md")
     log_report(cfg, metrics, run_dir)

@@ -8,8 +8,12 @@ from typing import Any
 import lightning as L
 import torch.nn as nn
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
+from tinyfusion_pl import distributed
 from tinyfusion_pl.callbacks.block_mask import DifferentiableBlockMask
 from tinyfusion_pl.callbacks.weight_update import CoOptimizedWeightUpdate
 from tinyfusion_pl.families import family_of
@@ -29,6 +33,7 @@ from tinyfusion_pl.pruning.selectors import (
 from tinyfusion_pl.stages.common import (
     build_trainer,
     finish_loggers,
+    gather_full_weights,
     load_teacher,
     model_family,
     resolve_teacher_checkpoint,
@@ -55,16 +60,29 @@ def learnable_callbacks(cfg: DictConfig, blocks: str | list[str]) -> tuple[Diffe
 def learnable_selection(
     cfg: DictConfig, net: nn.Module, datamodule: L.LightningDataModule, folder: Path,
     callbacks: tuple[DifferentiableBlockMask, CoOptimizedWeightUpdate], resume_from: str | None = None,
-) -> dict[str, Any]:
-    """TinyFusion: learn the kept blocks with Gumbel gates while a weight update estimates recoverability."""
+) -> tuple[dict[str, Any], nn.Module]:
+    """TinyFusion: learn the kept blocks with Gumbel gates while a weight update estimates recoverability.
+
+    Returns the decision and the teacher with its original weights (the weight update hands them back), whole.
+    """
     mask, weight_update = callbacks
     module = DiffusionModule(net, objective=instantiate(cfg.objective), lr=cfg.pruning.lr, ema_decay=None)
     trainer = build_trainer(cfg, "prune", max_steps=cfg.pruning.max_steps, callbacks=[mask, weight_update])
+    if isinstance(trainer.strategy, ModelParallelStrategy) and any(isinstance(c, Checkpoint) for c in trainer.callbacks):
+        # Its distributed optimizer state takes only the model's parameters, and the gates live in the mask.
+        rank_zero_warn("trainer=fsdp2: the learnable prune writes no periodic checkpoints (Lightning's FSDP2 "
+                       "optimizer state cannot hold the mask's gate logits, which live outside the sharded model).")
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoint)]
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    begin_output_set(folder, "prune")  # from here on, the folder's older result is no longer whole
-    log_images(trainer.loggers, {"prune/decision_dynamics": mask.plot_dynamics(folder / "decision_dynamics.png")})
-    finish_loggers(trainer.loggers, folder)
-    return mask.decision()
+    gather_full_weights(module, lambda: load_teacher(cfg))  # sharded by trainer=fsdp2: whole weights again
+
+    def plot_and_close() -> None:
+        begin_output_set(folder, "prune")  # from here on, the folder's older result is no longer whole
+        log_images(trainer.loggers, {"prune/decision_dynamics": mask.plot_dynamics(folder / "decision_dynamics.png")})
+        finish_loggers(trainer.loggers, folder)
+
+    distributed.on_rank_zero(plot_and_close)
+    return mask.decision(), module.net
 
 
 BASELINE_SELECTORS = ("bi_score", "sensitivity", "oracle", "by_index", "random")
@@ -116,14 +134,26 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
     teacher_path = resolve_teacher_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True)
     net = load_teacher(cfg)
-    family = family_of(net)
     datamodule = instantiate(cfg.data)
     objective = instantiate(cfg.objective)
     batches = calibration_batches(datamodule, cfg.pruning.calibration_batches, seed=cfg.seed)
     if callbacks is not None:
-        decision = learnable_selection(cfg, net, datamodule, folder, callbacks, resume_from)
+        decision, net = learnable_selection(cfg, net, datamodule, folder, callbacks, resume_from)
     else:
         decision = baseline_selection(cfg, net, objective, batches)
+    # Every rank exports what rank zero exports: a decision that differs anywhere stops the run here.
+    distributed.check_same_on_every_rank(decision["kept_blocks"], "The pruning decision (kept_blocks)")
+    return distributed.on_rank_zero(export_decision, cfg, net, decision, objective, batches, folder, teacher_path,
+                                    learned=callbacks is not None)
+
+
+def export_decision(
+    cfg: DictConfig, net: nn.Module, decision: dict[str, Any], objective: Any, batches: list, folder: Path,
+    teacher_path: Path, learned: bool,
+) -> dict[str, Any]:
+    """Prune the teacher to the decision, measure its calibration loss, write pruned.pt and decision.json (once)."""
+    family = family_of(net)
+    if not learned:  # a learned decision began the set when its fit ended
         begin_output_set(folder, "prune")
     shallow = prune_blocks(net, blocks=family.block_argument(), keep=decision["kept_blocks"])
     decision.update(
@@ -137,7 +167,7 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = family.save(shallow, folder / decision["checkpoint"])
     save_json(decision, folder / "decision.json")
     outputs = [decision["checkpoint"], "decision.json"]
-    if callbacks is not None:
+    if learned:
         outputs.append("decision_dynamics.png")
     finish_output_set(folder, "prune", outputs)  # last: the set is whole
     return {"kept_blocks": decision["kept_blocks"], "calibration_loss": decision["calibration_loss"],

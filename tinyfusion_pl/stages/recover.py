@@ -10,6 +10,7 @@ import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tinyfusion_pl import distributed
 from tinyfusion_pl.distill import DistillationModule, layer_pairing
 from tinyfusion_pl.families import family_of
 from tinyfusion_pl.io import (
@@ -26,6 +27,7 @@ from tinyfusion_pl.stages.common import (
     build_trainer,
     checkpoint_payload,
     finish_loggers,
+    gather_full_weights,
     judge_samples,
     load_model,
     model_title,
@@ -118,16 +120,12 @@ def run_recover(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     objective = instantiate(cfg.objective)
     batches = calibration_batches(datamodule, cfg.recover.calibration_batches, seed=cfg.seed)
-    loss_before = calibration_loss(student, objective, batches, seed=cfg.seed)
+    loss_before = distributed.on_rank_zero(calibration_loss, student, objective, batches, seed=cfg.seed)
     module, teacher_path = build_recovery_module(cfg, student, decision)
     trainer = build_trainer(cfg, "recover", max_steps=cfg.recover.max_steps, inputs=inputs)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    finish_loggers(trainer.loggers, folder)
-    payload = checkpoint_payload(module, cfg)
-    payload["kept_blocks"] = decision["kept_blocks"]
-    begin_output_set(folder, "recover")
-    checkpoint = save_torch(payload, folder / "model.pt")
-    metrics: dict[str, Any] = {
+    gather_full_weights(module, lambda: load_model(cfg, source / pruned_checkpoint_name(source)))
+    return distributed.on_rank_zero(save_recovered, cfg, module, trainer, folder, {
         "steps": trainer.global_step,
         "nonfinite_steps": module.nonfinite_steps,
         "distill": cfg.distill.method,
@@ -135,16 +133,28 @@ def run_recover(cfg: DictConfig) -> dict[str, Any]:
         "pruned": str(source),
         "kept_blocks": decision["kept_blocks"],
         "feature_pairs": [list(pair) for pair in getattr(module, "feature_pairs", [])],
-        "calibration_loss": {
-            "pruned": loss_before,
-            "recovered": calibration_loss(module.net, objective, batches, seed=cfg.seed),
-            "recovered_ema": calibration_loss(module.sampling_net(), objective, batches, seed=cfg.seed),
-        },
-        "checkpoint": str(checkpoint),
+    }, objective, batches, loss_before)
+
+
+def save_recovered(
+    cfg: DictConfig, module: DiffusionModule, trainer: L.Trainer, folder: Path, metrics: dict[str, Any],
+    objective: Any, batches: list, loss_before: float,
+) -> dict[str, Any]:
+    """What stage=recover writes once its fit ended (on global rank zero): model.pt, the losses, samples."""
+    finish_loggers(trainer.loggers, folder)
+    payload = checkpoint_payload(module, cfg)
+    payload["kept_blocks"] = metrics["kept_blocks"]
+    begin_output_set(folder, "recover")
+    checkpoint = save_torch(payload, folder / "model.pt")
+    metrics["calibration_loss"] = {
+        "pruned": loss_before,
+        "recovered": calibration_loss(module.net, objective, batches, seed=cfg.seed),
+        "recovered_ema": calibration_loss(module.sampling_net(), objective, batches, seed=cfg.seed),
     }
+    metrics["checkpoint"] = str(checkpoint)
     outputs = ["model.pt", "metrics.json"]
     if cfg.sampling.samples_per_class > 0:
-        title = f"{model_title(cfg)}, {len(decision['kept_blocks'])} blocks, recovered ({cfg.distill.method})"
+        title = f"{model_title(cfg)}, {len(metrics['kept_blocks'])} blocks, recovered ({cfg.distill.method})"
         images, labels = sample_grid(module, cfg, folder / "samples.png", title=title)
         metrics.update(judge_samples(cfg, images, labels))
         outputs.append("samples.png")

@@ -1,0 +1,173 @@
+"""Two real CPU ranks (gloo), started by Lightning's launcher as train.py starts them: once-only work on rank zero,
+agreement checks, shares of the samples, FID over the ranks, and non-finite steps skipped by every rank together."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_stage_prune import compose_run
+from tinyfusion_pl.evaluation.digits_classifier import DigitsClassifier
+from tinyfusion_pl.evaluation.fid import digits_fid
+from tinyfusion_pl.stages import run_stage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_worker.py"), str(out)], cwd=REPO,
+                            env=python_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return out, [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_once_only_work_runs_on_rank_zero_and_every_rank_gets_its_result(ranks):
+    out, seen = ranks
+    assert [rank["world_size"] for rank in seen] == [2, 2]
+    assert (out / "once.txt").read_text() == "written\n"  # one line: rank 1 never ran it
+    assert [rank["once_result"] for rank in seen] == [0, 0]  # rank zero's result, on both
+
+
+def test_an_error_on_rank_zero_stops_every_rank(ranks):
+    _, seen = ranks
+    assert seen[0]["zero_error"] == "ZeroDivisionError: division by zero"
+    assert seen[1]["zero_error"] == ("RuntimeError: global rank zero failed while the other ranks waited for it: "
+                                     "ZeroDivisionError: division by zero")
+
+
+def test_a_decision_that_differs_between_ranks_stops_every_rank(ranks):
+    _, seen = ranks
+    for rank, entry in enumerate(seen):
+        assert entry["mismatch"].startswith("The test decision is not the same on every rank (rank 0: [0, 1, 0]; "
+                                            f"rank {rank}: [0, 1, {rank}])")
+
+
+def test_ranks_take_whole_units_and_gather_them_in_order(ranks):
+    _, seen = ranks
+    assert [entry["share"] for entry in seen] == [[0, 6], [6, 10]]  # 4 units of 3: two each
+    assert [entry["gathered"] for entry in seen] == [list(range(10))] * 2
+
+
+def test_fid_over_the_ranks_shares_is_the_fid_of_all_samples(ranks):
+    _, seen = ranks
+    torch.manual_seed(0)
+    classifier = DigitsClassifier(8).eval()
+    generator = torch.Generator().manual_seed(1)
+    reference = torch.randint(0, 256, (40, 8, 8, 1), dtype=torch.uint8, generator=generator)
+    samples = torch.randint(0, 200, (30, 8, 8, 1), dtype=torch.uint8, generator=generator)
+    scorer = digits_fid(classifier, 8)
+    scorer.set_reference(reference)
+    expected = scorer.score(samples)
+    assert seen[0]["fid"] == seen[1]["fid"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(ranks):
+    _, seen = ranks
+    assert [(entry["nonfinite_steps"], entry["attempted_steps"]) for entry in seen] == [(1, 4), (1, 4)]
+    assert seen[0]["weights_finite"] and seen[1]["weights_finite"]
+    assert seen[0]["weights_sum"] == seen[1]["weights_sum"]  # the ranks stepped together
+
+
+# --------------------------------------------------------------------------- train.py under trainer=ddp
+
+SMOKE_DDP = ["experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+             "trainer.precision=32-true", "trainer.enable_progress_bar=false", "logger=wandb"]
+
+
+def train(folder: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = python_env(TINYFUSION_CACHE=str(cache), WANDB_MODE="offline", NETRC=str(folder / "no.netrc"))
+    env.pop("WANDB_API_KEY", None)
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=folder, env=env,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.mark.slow
+def test_the_pipeline_under_ddp_writes_one_folder_once_and_evaluates_like_one_process(tmp_path):
+    cache = tmp_path / "cache"
+    result = train(tmp_path, cache, *SMOKE_DDP)
+    # no hydra.run.dir given: both ranks still share one timestamped folder
+    (run_dir,) = (tmp_path / "outputs" / "pipeline").iterdir()
+    assert result.stdout.count("Report: ") == 1
+    assert (run_dir / "train_ddp_process_1.log").is_file()  # rank 1 ran, in the same folder
+    for stage in ("pretrain", "prune", "recover", "report"):  # only rank zero created W&B runs, in one group
+        (wandb_run,) = (run_dir / stage / "wandb").glob("offline-run-*")
+        (records,) = wandb_run.glob("run-*.wandb")
+        assert str(run_dir).encode() in records.read_bytes(), stage
+    decision = json.loads((run_dir / "prune" / "decision.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["kept_blocks"] == decision["kept_blocks"]
+    assert not list(run_dir.rglob(".*.tmp*")) and not [p for p in run_dir.rglob(".*") if p.name != ".hydra"
+                                                        and ".hydra" not in p.parts]
+
+    # the same two models evaluated by one process: the same images, the same scores
+    single = tmp_path / "single"
+    single.mkdir()
+    train(single, cache, "experiment=smoke", "stage=evaluate", f"paths.run_dir={single / 'run'}",
+          f"teacher.checkpoint={decision['teacher']}", f"evaluate.pruned_checkpoint={run_dir / 'recover' / 'model.pt'}")
+    alone = json.loads((single / "run" / "evaluate" / "metrics.json").read_text())
+    for name in ("teacher", "pruned"):
+        with np.load(run_dir / "evaluate" / f"samples_{name}.npz") as ddp, \
+                np.load(single / "run" / "evaluate" / f"samples_{name}.npz") as one:
+            assert np.array_equal(ddp["arr_0"], one["arr_0"]) and np.array_equal(ddp["labels"], one["labels"])
+        assert metrics[name]["fid"] == pytest.approx(alone[name]["fid"], rel=1e-5)
+        assert metrics[name]["conditional_accuracy"] == pytest.approx(alone[name]["conditional_accuracy"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
+def test_fsdp_on_a_machine_without_gpus_stops_before_anything_runs_and_names_the_fix(tmp_path):
+    cfg = compose_run(tmp_path / "run", tmp_path / "cache", "trainer=fsdp")
+    with pytest.raises(ValueError, match=r"trainer=fsdp \(Lightning's FSDPStrategy\) needs CUDA GPUs.*trainer=fsdp2 "
+                                         r"trainer.accelerator=cpu"):
+        run_stage(cfg)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_fsdp2_prunes_with_lora_on_two_ranks_and_exports_what_one_process_exports(tmp_path):
+    cache = tmp_path / "cache"
+    fsdp2 = tmp_path / "fsdp2"
+    train(tmp_path, cache, "experiment=smoke", "stage=prune", "trainer=fsdp2", "trainer.accelerator=cpu",
+          "trainer.devices=2", "trainer.precision=32-true", "trainer.enable_progress_bar=false",
+          f"hydra.run.dir={fsdp2}")
+    decision = json.loads((fsdp2 / "prune" / "decision.json").read_text())
+    assert decision["selector"] == "learnable"
+    # one process exports the same decision from the same teacher
+    alone = tmp_path / "alone"
+    train(tmp_path, cache, "experiment=smoke", "stage=prune", "pruning=by_index",
+          f"pruning.kept_blocks={decision['kept_blocks']}".replace(" ", ""), f"hydra.run.dir={alone}")
+    sharded = torch.load(fsdp2 / "prune" / "pruned.pt", weights_only=True)
+    plain = torch.load(alone / "prune" / "pruned.pt", weights_only=True)
+    assert sharded.keys() == plain.keys()
+    assert all(type(value) is torch.Tensor and torch.equal(value, plain[name]) for name, value in sharded.items())
+
+
+@pytest.mark.slow
+def test_a_sweep_under_ddp_keeps_one_folder_per_job_and_groups_its_wandb_runs(tmp_path):
+    result = train(tmp_path, tmp_path / "cache", "-m", *SMOKE_DDP, "stage=prune", "pruning.keep_ratio=0.25,0.5")
+    # Lightning re-runs `train.py -m ...` for rank 1, which runs the same jobs in step, in rank zero's sweep folder
+    (sweep,) = (tmp_path / "multirun" / "prune").iterdir()
+    assert sorted(path.name for path in sweep.iterdir() if path.is_dir()) == ["0", "1"]
+    for job, ratio in enumerate(("0.25", "0.5")):
+        folder = sweep / str(job)
+        assert (folder / "train_ddp_process_1.log").is_file() and (folder / "prune" / "decision.json").is_file()
+        (wandb_run,) = (folder / "prune" / "wandb").glob("offline-run-*")
+        (records,) = wandb_run.glob("run-*.wandb")
+        assert f"multirun/prune/{sweep.name}".encode() in records.read_bytes()  # the sweep's group
+        assert f'"pruning.keep_ratio":"{ratio}"'.encode() in records.read_bytes()  # the swept value, in the config
+    assert "Launching 2 jobs locally" in result.stdout + result.stderr
