@@ -143,6 +143,9 @@ def test_a_rerun_redoes_only_the_missing_choices_and_other_settings_are_refused(
                           f"recoverability.study_dir={study_dir}")
     with pytest.raises(ValueError, match="made with other settings.*Use a new recoverability.study_dir"):
         run_stage(changed)
+    widened = compose_run(study_dir.parent / "fourth", cfg.paths.cache_dir, *SHRUNK, "+recover.new_option=null",
+                          "+pruning.resume_from=auto", f"recoverability.study_dir={study_dir}")
+    assert run_stage(widened)["analysis"]["placements"] == again["analysis"]["placements"]  # unset options: no change
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -116,9 +116,22 @@ def teacher_identity(cfg: DictConfig) -> str:
 
 
 def settings_fingerprint(cfg: DictConfig, *extra: Any) -> str:
-    """What a cached result depends on: a result made under other settings is never reused."""
-    return config_fingerprint(teacher_identity(cfg), cfg.seed, cfg.data, cfg.objective, cfg.recover, cfg.distill,
-                              cfg.sampling, cfg.evaluate.num_samples, cfg.recoverability.bootstrap, *extra)
+    """What a cached result depends on: a result made under other settings is never reused.
+
+    Unset (null) settings and where to resume from are left out, so that a new optional setting does not make
+    a finished study unreadable.
+    """
+    nodes = (cfg.data, cfg.objective, cfg.recover, cfg.distill, cfg.sampling, *extra)
+    return config_fingerprint(teacher_identity(cfg), cfg.seed, cfg.evaluate.num_samples, cfg.recoverability.bootstrap,
+                              *[_settled(node) for node in nodes])
+
+
+def _settled(node: Any) -> Any:
+    """A config node as plain data without null values and resume_from entries."""
+    value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    if isinstance(value, dict):
+        return {key: _settled(item) for key, item in value.items() if item is not None and key != "resume_from"}
+    return [_settled(item) for item in value] if isinstance(value, list) else value
 
 
 def cached(path: Path, fingerprint: str) -> dict[str, Any] | None:
