@@ -170,3 +170,30 @@ def test_a_pretraining_that_trains_nothing_is_an_error_and_not_cached(tmp_path):
     with pytest.raises(ValueError, match=r"trained 0 of pretrain.max_steps=\d+ steps.*Lower data.batch_size"):
         run_stage(cfg)
     assert not (tmp_path / "cache" / "teachers").exists() and not (tmp_path / "run" / "pretrain" / "model.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def mar_cache(tmp_path_factory):
+    """One cache for the MAR selector runs: the first trains the shrunken 2 + 2-block teacher, the rest reuse it."""
+    return tmp_path_factory.mktemp("mar_cache")
+
+
+@pytest.mark.parametrize("selector", ["learnable_1_2", "bi_score", "sensitivity", "oracle", "random",
+                                      "by_index pruning.kept_blocks=[0,3] pruning.num_keep=2"])
+def test_every_selector_prunes_mar_across_encoder_and_decoder(selector, mar_cache, tmp_path):
+    selector, *options = selector.split()
+    shrunken = [o for o in SHRUNKEN if selector.startswith("learnable") or not o.startswith("pruning.max_steps")]
+    cfg = compose_run(tmp_path, mar_cache, "stage=prune", "experiment=mar_digits", *MAR_SHRUNKEN, *shrunken,
+                      f"pruning={selector}", *options)
+    run_stage(cfg)
+    decision = json.loads((tmp_path / "prune" / "decision.json").read_text())
+    kept = decision["kept_blocks"]
+    assert decision["num_blocks"] == 4 and len(kept) == 2
+    if selector == "learnable_1_2":  # one block of each pair: one from the encoder, one from the decoder
+        assert kept[0] in (0, 1) and kept[1] in (2, 3)
+    if selector == "by_index":
+        assert kept == [0, 3]
+    # The export is a MAR whose encoder and decoder depths are the kept blocks on each side, loading strictly.
+    pruned = mar_from_checkpoint(tmp_path / "prune" / decision["checkpoint"])
+    assert isinstance(pruned, MAR)
+    assert (pruned.encoder_depth, pruned.decoder_depth) == (sum(b < 2 for b in kept), sum(b >= 2 for b in kept))
