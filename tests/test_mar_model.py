@@ -1,5 +1,5 @@
 """MAR (LTH14/mar): sizes, strict loads, each piece against reference functions written from the published
-description, orders and masks, pruning across encoder + decoder, and the pruned export round trip."""
+description, masks, pruning across encoder + decoder, and the pruned export round trip."""
 
 import argparse
 import copy
@@ -16,7 +16,8 @@ from tinyfusion_pl.callbacks.block_mask import DifferentiableBlockMask
 from tinyfusion_pl.families import MARFamily, family_of
 from tinyfusion_pl.models import MAR, MAR_models, build_mar, mar_from_checkpoint
 from tinyfusion_pl.models.checkpoints import CheckpointMismatchError
-from tinyfusion_pl.models.mar import load_mar_state_dict, mask_by_order, read_mar_checkpoint
+from tinyfusion_pl.models.mar import load_mar_state_dict, read_mar_checkpoint
+from tinyfusion_pl.objectives.mar import mask_by_order, random_orders
 from tinyfusion_pl.pruning.export import prune_blocks
 
 # ---------------------------------------------------------------------------- the published sizes
@@ -246,8 +247,8 @@ def randomized_small_mar(seed=0, **overrides):
 def masked_batch(model, batch=3, num_masked=10, seed=1):
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, model.vae_embed_dim, 8, 8, generator=generator, dtype=torch.float64)
-    orders = model.sample_orders(batch, generator=generator)
-    return latents, mask_by_order(num_masked, orders)
+    orders = random_orders(batch, model.seq_len, generator=generator)
+    return latents, mask_by_order(num_masked, orders).float()
 
 
 def test_vit_block_matches_the_reference_block():
@@ -326,50 +327,7 @@ def test_class_embedding_drops_to_the_fake_latent():
         model.class_embedding(labels, force_drop_ids=torch.tensor([0, 1]))
 
 
-# ---------------------------------------------------------------------------- orders and masks
-
-
-def test_sample_orders_are_permutations_and_seeded():
-    model = build_mar("MAR-Tiny")
-    orders = model.sample_orders(64, generator=torch.Generator().manual_seed(3))
-    assert orders.dtype == torch.long and orders.shape == (64, 16)
-    assert torch.equal(orders.sort(dim=1).values, torch.arange(16).expand(64, 16))
-    assert torch.equal(orders, model.sample_orders(64, generator=torch.Generator().manual_seed(3)))
-    assert len({tuple(row.tolist()) for row in orders}) == 64
-    # each token is first in about 1/16 of the orders
-    firsts = torch.bincount(model.sample_orders(16_000, torch.Generator().manual_seed(0))[:, 0], minlength=16)
-    assert (firsts - 1000).abs().max() < 150
-
-
-@pytest.mark.parametrize("ratio, expected", [(0.7, 12), (0.75, 12), (0.76, 13), (1.0, 16), (0.0, 0)])
-def test_random_masking_masks_the_first_ceil_of_each_order(ratio, expected):
-    model = build_mar("MAR-Tiny")
-    orders = torch.stack([torch.arange(16), torch.arange(16).flip(0)])
-    mask = model.random_masking(torch.zeros(2, 16, 4), orders, mask_ratio=ratio)
-    assert mask.sum(dim=1).tolist() == [expected, expected]
-    assert mask[0, :expected].eq(1).all() and mask[1, 16 - expected:].eq(1).all()  # the first entries of each order
-
-
-def test_mask_by_order_takes_one_count_or_one_per_sample():
-    orders = torch.tensor([[2, 0, 3, 1], [1, 3, 0, 2]])
-    assert mask_by_order(2, orders).tolist() == [[1, 0, 1, 0], [0, 1, 0, 1]]
-    assert mask_by_order(torch.tensor([1, 3]), orders).tolist() == [[0, 0, 1, 0], [1, 1, 0, 1]]
-
-
-def test_mask_ratios_follow_the_truncated_gaussian():
-    model = build_mar("MAR-Tiny")
-    generator = torch.Generator().manual_seed(0)
-    ratios = torch.tensor([model.sample_mask_ratio(generator) for _ in range(4000)], dtype=torch.float64)
-    assert ratios.min() >= 0.7 and ratios.max() <= 1.0
-    # mean of N(1, 0.25) truncated to [0.7, 1]: 1 + 0.25 (phi(a) - phi(0)) / (Phi(0) - Phi(a)), a = -1.2
-    phi = lambda value: math.exp(-value * value / 2) / math.sqrt(2 * math.pi)  # noqa: E731
-    big_phi = lambda value: 0.5 * (1 + math.erf(value / math.sqrt(2)))  # noqa: E731
-    mean = 1 + 0.25 * (phi(-1.2) - phi(0)) / (big_phi(0) - big_phi(-1.2))
-    assert abs(float(ratios.mean()) - mean) < 0.004
-    # drawn masks: ceil(16 * ratio) tokens, from 12 (ratio 0.7) to 16
-    counts = {int(model.random_masking(torch.zeros(1, 16, 4), model.sample_orders(1), generator=generator).sum())
-              for _ in range(300)}
-    assert counts == set(range(12, 17))
+# ---------------------------------------------------------------------------- masks
 
 
 def test_masks_of_different_counts_in_one_batch_are_refused():
@@ -433,7 +391,7 @@ def step_batch(step, batch_size=16):
     tokens = torch.randn(batch_size, 16, 2, generator=generator)
     orders = torch.rand(batch_size, 16, generator=generator).argsort(dim=1)
     labels = torch.randint(0, 3, (batch_size,), generator=generator)
-    return tokens, mask_by_order(10, orders), labels
+    return tokens, mask_by_order(10, orders).float(), labels
 
 
 def keep_only(net, kept):

@@ -5,16 +5,11 @@ random order, a few at a time. A ViT encoder sees a buffer of `buffer_size` clas
 visible tokens only; a ViT decoder adds learned mask tokens at the masked positions; its per-token outputs z
 condition a small MLP diffusion head (`diffloss.net`) that denoises each token's latent channels.
 
-What lives here is the network and the small pieces its objective combines; the diffusion loss of the head
-and the iterative sampler live in the objective (tinyfusion_pl.objectives), which reuses the project's
+What lives here is the network and the small pieces its objective combines; generation orders, mask ratios
+and masks, the diffusion loss of the head and the iterative sampler live in the objective (tinyfusion_pl.objectives), which reuses the project's
 Gaussian diffusion. The pieces, under the reference names and meanings:
 
 - `patchify(x)` (N, C, H, W) -> tokens (N, L, C * p * p); `unpatchify` back.
-- `sample_orders(bsz, generator)` random generation orders (N, L), one permutation of 0..L-1 per sample.
-- `sample_mask_ratio(generator)`: a ratio from the truncated Gaussian on [mask_ratio_min, 1] centred at 1,
-  std 0.25; `random_masking(x, orders, mask_ratio=None, generator=None)` masks the first ceil(L * ratio)
-  tokens of each order (1 = masked, float (N, L)); `mask_by_order(num_masked, orders)` is that mask, for one
-  count or a count per sample.
 - `class_embedding(labels, force_drop_ids=None)` (N, D): class_emb, or the learned `fake_latent` where the
   label is the null label `class_num`, where force_drop_ids is 1, or at random with `label_drop_prob` in
   train mode when no force_drop_ids is given (the reference drops inside its encoder; the result is the same).
@@ -63,18 +58,6 @@ from tinyfusion_pl.models.dit import Attention, Mlp, TimestepEmbedder
 
 # The norm every public MAR uses (the reference's factories pass it); a checkpoint's config does not record it.
 DEFAULT_NORM_LAYER = functools.partial(nn.LayerNorm, eps=1e-6)
-# The truncated Gaussian of the training mask ratio: centred at 1 (everything masked), this std.
-MASK_RATIO_STD = 0.25
-
-
-def mask_by_order(num_masked: int | torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
-    """Float mask (N, L): 1 at the first num_masked positions of each sample's order (N, L), 0 elsewhere.
-
-    num_masked is one count for every sample or one per sample (N,).
-    """
-    ranks = orders.argsort(dim=1)  # (N, L): each position's place in its sample's order
-    counts = torch.as_tensor(num_masked, device=orders.device).reshape(-1, 1)  # (N or 1, 1)
-    return (ranks < counts).float()  # (N, L)
 
 
 #################################################################################
@@ -390,31 +373,6 @@ class MAR(nn.Module):
                              f"{self.token_embed_dim} (vae_embed_dim * patch_size^2).")
         return self._unpatchify_channels(x)  # (N, C, H, W)
 
-    # ---------------------------------------------------------------- orders and masks
-    def sample_orders(self, bsz: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Random generation orders (bsz, L): each row a uniformly random permutation of 0..L-1 (long)."""
-        device = generator.device if generator is not None else self.mask_token.device
-        scores = torch.rand(bsz, self.seq_len, generator=generator, device=device)  # (N, L)
-        return scores.argsort(dim=1).to(self.mask_token.device)  # (N, L)
-
-    def sample_mask_ratio(self, generator: torch.Generator | None = None) -> float:
-        """A training mask ratio from the Gaussian centred at 1 with std 0.25, truncated to [mask_ratio_min, 1]."""
-        device = generator.device if generator is not None else "cpu"
-        low = torch.special.ndtr(torch.tensor((self.mask_ratio_min - 1.0) / MASK_RATIO_STD, dtype=torch.float64))
-        uniform = torch.rand((), generator=generator, device=device, dtype=torch.float64).cpu()
-        # Inverse CDF between Phi(a) and Phi(0) = 1/2: the standard normal truncated to [a, 0].
-        return float(1.0 + MASK_RATIO_STD * torch.special.ndtri(low + (0.5 - low) * uniform))
-
-    def random_masking(
-        self, x: torch.Tensor, orders: torch.Tensor, mask_ratio: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Float mask (N, L) with 1 on the first ceil(L * ratio) tokens of each order; ratio drawn if not given."""
-        if mask_ratio is None:
-            mask_ratio = self.sample_mask_ratio(generator)
-        num_masked = int(math.ceil(x.shape[1] * mask_ratio))
-        return mask_by_order(num_masked, orders).to(x.device)  # (N, L)
-
     # ---------------------------------------------------------------- class conditioning
     def class_embedding(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The class tokens (N, D): class_emb, or fake_latent for null labels (class_num) and dropped labels.
@@ -449,7 +407,7 @@ class MAR(nn.Module):
         if mask.ndim != 2 or mask.shape[1] != self.seq_len:
             raise ValueError(
                 f"mask has shape {tuple(mask.shape)}; expected (N, {self.seq_len}), one 0/1 flag per token "
-                "(1 = masked), e.g. from random_masking(tokens, sample_orders(N))."
+                "(1 = masked), e.g. from the objective's mask_by_order(count, random_orders(N, L))."
             )
         buffer = torch.ones(mask.shape[0], self.buffer_size, device=mask.device, dtype=torch.bool)
         visible = torch.cat([buffer, mask == 0], dim=1)  # (N, B + L)
@@ -458,7 +416,7 @@ class MAR(nn.Module):
             raise ValueError(
                 f"the mask masks {sorted(set((self.seq_len + self.buffer_size - counts).tolist()))} tokens in "
                 "different samples; MAR's encoder needs the same number of masked tokens in every sample of a batch "
-                "(as random_masking and MAR's sampler give)."
+                "(as MAR's objective and sampler give)."
             )
         return visible
 
