@@ -9,6 +9,7 @@ from typing import Any
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.io import save_text
 
 
@@ -27,7 +28,7 @@ def wandb_logger(save_dir: str, project: str = "tinyfusion_pl", mode: str | None
     mode = mode or os.environ.get("WANDB_MODE") or ("online" if wandb_is_configured() else "offline")
     mode = "offline" if mode == "dryrun" else mode  # wandb's own older name, which it still sets in os.environ
     if mode not in ("online", "offline", "disabled"):
-        raise ValueError(f"logger.wandb.mode='{mode}' must be 'online', 'offline' or 'disabled'.")
+        raise UsageError(f"logger.wandb.mode='{mode}' must be 'online', 'offline' or 'disabled'.")
     return WandbLogger(save_dir=save_dir, project=project, offline=mode == "offline", mode=mode, **kwargs)
 
 

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl import distributed
 from tinyfusion_pl.callbacks.random_state import RandomStateCheckpoint
+from tinyfusion_pl.errors import MissingInputError, UsageError
 from tinyfusion_pl.families import ModelFamily, family_of
 from tinyfusion_pl.io import (
     atomic_path,
@@ -306,7 +307,7 @@ def model_blueprint(cfg: DictConfig, registry_name: str | None = None) -> nn.Mod
     overrides = {}
     if registry_name:
         if "name" not in cfg.model:
-            raise ValueError(f"teacher.name={registry_name} picks a registry entry, but model={cfg.model._target_} "
+            raise UsageError(f"teacher.name={registry_name} picks a registry entry, but model={cfg.model._target_} "
                              "is not built from a registry (no model.name). Leave teacher.name unset.")
         overrides["name"] = registry_name
     with torch.device("meta"):
@@ -346,7 +347,7 @@ def resolve_teacher_checkpoint(cfg: DictConfig) -> Path:
     if cfg.teacher.checkpoint:
         path = Path(cfg.teacher.checkpoint)
         if not path.exists():
-            raise FileNotFoundError(f"teacher.checkpoint={path} does not exist. Pass the path of a model checkpoint "
+            raise MissingInputError(f"teacher.checkpoint={path} does not exist. Pass the path of a model checkpoint "
                                     "(a file, or a save_pretrained folder for a diffusers model).")
         return path
     this_run = Path(cfg.paths.run_dir) / "pretrain" / "model.pt"
@@ -356,7 +357,7 @@ def resolve_teacher_checkpoint(cfg: DictConfig) -> Path:
     if cached.is_file():
         return cached
     if not cfg.teacher.get("pretrain_if_missing"):
-        raise ValueError(
+        raise UsageError(
             f"stage={cfg.stage} needs a teacher for model={model_title(cfg)}: pass teacher.checkpoint=/path/to/model.pt "
             "(e.g. DiT-XL-2-256x256.pt). Only the embedded digits defaults are pretrained automatically."
         )
@@ -432,7 +433,7 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, "pretrain", max_steps=cfg.pretrain.max_steps)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     if trainer.global_step == 0:  # an untrained teacher must never reach the cache that later runs reuse
-        raise ValueError(
+        raise UsageError(
             f"stage=pretrain trained 0 of pretrain.max_steps={cfg.pretrain.max_steps} steps: the training data gave "
             f"no full batch (data.batch_size={cfg.data.batch_size} is larger than the training split?). Lower "
             "data.batch_size; nothing was saved or cached."
@@ -489,7 +490,7 @@ def judge(cfg: DictConfig) -> str | None:
     """evaluate.judge, checked: 'digits' (the digits classifier scores samples) or null (no classifier)."""
     name = cfg.evaluate.get("judge")
     if name not in JUDGES:
-        raise ValueError(f"evaluate.judge={name!r} is not one of {list(JUDGES)}: 'digits' for the digits data "
+        raise UsageError(f"evaluate.judge={name!r} is not one of {list(JUDGES)}: 'digits' for the digits data "
                          "(set by data=digits), null for any other data.")
     return name
 
@@ -513,10 +514,10 @@ def read_decision(prune_folder: Path) -> dict[str, Any]:
     try:
         decision = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} cannot be read ({error}). Run stage=prune again to rewrite it, or point "
+        raise UsageError(f"{path} cannot be read ({error}). Run stage=prune again to rewrite it, or point "
                          "recover.pruned / evaluate.pruned_checkpoint at another prune folder.") from error
     if not isinstance(decision, dict) or "kept_blocks" not in decision:
-        raise ValueError(f"{path} is not a pruning decision (no kept_blocks). Run stage=prune again to rewrite it.")
+        raise UsageError(f"{path} is not a pruning decision (no kept_blocks). Run stage=prune again to rewrite it.")
     return decision
 
 

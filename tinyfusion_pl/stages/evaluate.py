@@ -14,6 +14,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from tinyfusion_pl import distributed
 from tinyfusion_pl.data.digits import load_digits_tensors
+from tinyfusion_pl.errors import MissingInputError, UsageError
 from tinyfusion_pl.evaluation.digits_classifier import DigitsClassifier, load_or_train_digits_classifier
 from tinyfusion_pl.evaluation.fid import FIDScorer, digits_fid, inception_fid
 from tinyfusion_pl.evaluation.sampling import (
@@ -57,7 +58,7 @@ def selected_models(cfg: DictConfig) -> list[str]:
     models = list(cfg.evaluate.models) if OmegaConf.is_list(cfg.evaluate.models) else cfg.evaluate.models
     if not isinstance(models, list) or not models or any(name not in MODELS for name in models) \
             or len(set(models)) != len(models):
-        raise ValueError(f"evaluate.models={models} is invalid: expected a non-empty list from {list(MODELS)} "
+        raise UsageError(f"evaluate.models={models} is invalid: expected a non-empty list from {list(MODELS)} "
                          "without repeats, e.g. evaluate.models=[teacher,pruned].")
     return models
 
@@ -67,7 +68,7 @@ def pruned_checkpoint(cfg: DictConfig) -> Path:
     if cfg.evaluate.pruned_checkpoint:
         path = Path(cfg.evaluate.pruned_checkpoint)
         if not path.exists():
-            raise FileNotFoundError(f"evaluate.pruned_checkpoint={path} does not exist. Pass the path of a pruned "
+            raise MissingInputError(f"evaluate.pruned_checkpoint={path} does not exist. Pass the path of a pruned "
                                     "or recovered checkpoint (prune/pruned.pt or recover/model.pt of a run).")
         return path
     run_dir = Path(cfg.paths.run_dir)
@@ -80,7 +81,7 @@ def pruned_checkpoint(cfg: DictConfig) -> Path:
             check_output_set(run_dir / stage, stage, [name], f"Run stage={stage} again with hydra.run.dir={run_dir} "
                              f"({option}=auto continues a killed run), or pass evaluate.pruned_checkpoint=...")
             return run_dir / relative
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"evaluate.models includes 'pruned' but the run folder {run_dir} holds neither {' nor '.join(outputs)}. "
         "Run stage=prune (and stage=recover) with this paths.run_dir first, pass "
         "evaluate.pruned_checkpoint=/path/to/model.pt, or evaluate only the teacher: evaluate.models=[teacher]."
@@ -99,9 +100,9 @@ def checkpoints_to_evaluate(cfg: DictConfig) -> dict[str, Path]:
 def evaluation_device(cfg: DictConfig) -> torch.device:
     choice = cfg.evaluate.device
     if choice not in DEVICES:
-        raise ValueError(f"evaluate.device={choice!r} is not one of {DEVICES} (auto: cuda when available).")
+        raise UsageError(f"evaluate.device={choice!r} is not one of {DEVICES} (auto: cuda when available).")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("evaluate.device=cuda but no CUDA device is available; use evaluate.device=cpu or auto.")
+        raise UsageError("evaluate.device=cuda but no CUDA device is available; use evaluate.device=cpu or auto.")
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
@@ -122,7 +123,7 @@ def check_settings(cfg: DictConfig) -> None:
     blueprint = model_blueprint(cfg)
     channels = family_of(blueprint).sample_shape(blueprint)[0]
     if not cfg.evaluate.vae and channels not in IMAGE_CHANNELS:
-        raise ValueError(
+        raise UsageError(
             f"model={cfg.model.get('name', cfg.model._target_)} samples {channels}-channel latents: evaluation needs "
             "images, so set evaluate.vae to a diffusers AutoencoderKL name or local folder "
             "(e.g. evaluate.vae=stabilityai/sd-vae-ft-ema; `pip install diffusers`)."
@@ -133,14 +134,14 @@ def fid_mode(cfg: DictConfig) -> str:
     """evaluate.fid resolved: auto is digits on the embedded default, inception with a reference .npz, else none."""
     mode, reference = cfg.evaluate.fid, cfg.evaluate.reference_npz
     if mode not in FID_MODES:
-        raise ValueError(f"evaluate.fid={mode!r} is not one of {FID_MODES}.")
+        raise UsageError(f"evaluate.fid={mode!r} is not one of {FID_MODES}.")
     if mode == "auto":
         return "digits" if judge(cfg) == "digits" else "inception" if reference else "none"
     if mode == "digits" and judge(cfg) != "digits":
-        raise ValueError(f"evaluate.fid=digits needs the digits data, not {cfg.data._target_}; "
+        raise UsageError(f"evaluate.fid=digits needs the digits data, not {cfg.data._target_}; "
                          "use evaluate.fid=inception with evaluate.reference_npz, or none.")
     if mode == "inception" and not reference:
-        raise ValueError("evaluate.fid=inception needs real images to compare with: set evaluate.reference_npz to an "
+        raise UsageError("evaluate.fid=inception needs real images to compare with: set evaluate.reference_npz to an "
                          ".npz of uint8 (N, H, W, 3) images under arr_0 (e.g. ADM's VIRTUAL_imagenet256_labeled.npz).")
     return mode
 

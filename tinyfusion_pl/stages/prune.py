@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from tinyfusion_pl import distributed
 from tinyfusion_pl.callbacks.block_mask import DifferentiableBlockMask
 from tinyfusion_pl.callbacks.weight_update import CoOptimizedWeightUpdate
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.families import family_of
 from tinyfusion_pl.io import begin_output_set, finish_output_set, save_json
 from tinyfusion_pl.loggers import log_images
@@ -119,7 +120,7 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
     """Select the kept blocks of the teacher, export the shallow model; writes pruned.pt (in the family's own
     format) and decision.json."""
     if cfg.pruning.selector not in ("learnable", *BASELINE_SELECTORS):
-        raise ValueError(
+        raise UsageError(
             f"pruning.selector='{cfg.pruning.selector}' is not one of {['learnable', *BASELINE_SELECTORS]}. "
             "Pick it with the pruning group, e.g. pruning=bi_score."
         )

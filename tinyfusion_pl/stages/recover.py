@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl import distributed
 from tinyfusion_pl.distill import DistillationModule, layer_pairing
+from tinyfusion_pl.errors import MissingInputError, UsageError
 from tinyfusion_pl.families import family_of
 from tinyfusion_pl.io import (
     begin_output_set,
@@ -53,7 +54,7 @@ def pruned_folder(cfg: DictConfig) -> Path:
     manifest = check_output_set(folder, "prune", ["decision.json"], fix)
     missing = [name for name in (pruned_checkpoint_name(folder), "decision.json") if not (folder / name).exists()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"recover.pruned={folder} lacks {', '.join(missing)}. Run stage=prune in this run folder first, or pass "
             "recover.pruned=/path/to/<run>/prune (the folder stage=prune wrote)."
         )
@@ -69,13 +70,13 @@ def recovery_teacher(cfg: DictConfig, decision: dict[str, Any]) -> tuple[nn.Modu
     Its depth is read from the checkpoint, so a shallow teacher (e.g. a recovered D14) needs no extra setting.
     """
     if cfg.teacher.name and not cfg.teacher.checkpoint:
-        raise ValueError(
+        raise UsageError(
             f"teacher.name={cfg.teacher.name} needs its weights: pass teacher.checkpoint=/path/to/model.pt as well."
         )
     path = Path(cfg.teacher.checkpoint or decision["teacher"])
     if not path.exists():
         source = "teacher.checkpoint" if cfg.teacher.checkpoint else "the pruning teacher in decision.json"
-        raise FileNotFoundError(f"{source}, {path}, does not exist. Pass teacher.checkpoint=/path/to/model.pt.")
+        raise MissingInputError(f"{source}, {path}, does not exist. Pass teacher.checkpoint=/path/to/model.pt.")
     return load_model(cfg, path, cfg.teacher.name), path
 
 
@@ -86,7 +87,7 @@ def build_recovery_module(
     distill, module_options = cfg.distill, OmegaConf.to_container(cfg.recover.module, resolve=True)
     objective = instantiate(cfg.objective)
     if distill.method not in DISTILL_METHODS:
-        raise ValueError(f"distill.method='{distill.method}' is not one of {DISTILL_METHODS}. Pass e.g. distill=kd.")
+        raise UsageError(f"distill.method='{distill.method}' is not one of {DISTILL_METHODS}. Pass e.g. distill=kd.")
     if distill.method == "none":
         return DiffusionModule(student, objective=objective, **module_options), None
     teacher, teacher_path = recovery_teacher(cfg, decision)
