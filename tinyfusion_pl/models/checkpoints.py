@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,13 @@ def load_checkpoint_file(path: str | os.PathLike, weights_only: bool = True) -> 
     if not path.is_file():
         raise MissingInputError(
             f"checkpoint path={str(path)!r} does not exist or is not a file; pass the path of a .pt/.ckpt file."
+        )
+    with path.open("rb") as file:
+        is_pickle = file.read(1) == b"\x80"  # torch's legacy format; torch.save writes a zip archive
+    if not zipfile.is_zipfile(path) and not is_pickle:
+        raise CheckpointError(
+            f"could not read checkpoint {str(path)!r}: it is not a torch checkpoint or it is damaged (neither the zip "
+            "archive torch.save writes nor a legacy pickle; e.g. a download cut short). Write or download it again."
         )
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -317,6 +325,10 @@ def _mismatch_message(
         lines.append(f"  unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
     if mismatched:
         lines.append(f"  shape mismatches ({len(mismatched)}): {_preview(mismatched)}")
+    if any(".lora_" in key or ".base_layer." in key for key in unexpected):
+        lines.append("It holds LoRA adapters: it is a checkpoint saved during a pruning run (stage=prune), not a "
+                     "model. Load the model that run exported instead: prune/pruned.pt (decision.json names it).")
+        return "\n".join(lines)
     try:
         config = infer_dit_config(state_dict)
     except ValueError as error:

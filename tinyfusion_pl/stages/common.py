@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn as nn
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl import distributed
 from tinyfusion_pl.callbacks.random_state import RandomStateCheckpoint
-from tinyfusion_pl.errors import MissingInputError, UsageError
+from tinyfusion_pl.errors import MissingInputError, UsageError, find_usage_error
 from tinyfusion_pl.families import ModelFamily, family_of
 from tinyfusion_pl.io import (
     atomic_path,
@@ -38,6 +39,7 @@ from tinyfusion_pl.io import (
     write_atomically,
 )
 from tinyfusion_pl.loggers import describe_offline_runs, log_images, wandb_loggers
+from tinyfusion_pl.models.checkpoints import CheckpointMismatchError
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.objectives import DiffusionObjective
 
@@ -321,7 +323,13 @@ def model_family(cfg: DictConfig) -> ModelFamily:
 def load_model(cfg: DictConfig, checkpoint: str | Path, registry_name: str | None = None) -> nn.Module:
     """The configured model with a checkpoint's weights at the checkpoint's own depth, loaded strictly (EMA first)."""
     blueprint = model_blueprint(cfg, registry_name)
-    return family_of(blueprint).load(checkpoint, like=blueprint)
+    try:
+        return family_of(blueprint).load(checkpoint, like=blueprint)
+    except CheckpointMismatchError as error:
+        raise CheckpointMismatchError(
+            f"{checkpoint}: {error}\nIn the config: set model.name to the entry that fits it (teacher.name for a "
+            f"teacher of another size than the model), or pass a checkpoint of {registry_name or model_title(cfg)}."
+        ) from error
 
 
 def model_title(cfg: DictConfig) -> str:
@@ -338,11 +346,11 @@ def cached_teacher_path(cfg: DictConfig) -> Path:
     return Path(cfg.paths.cache_dir) / "teachers" / key / "model.pt"
 
 
-def resolve_teacher_checkpoint(cfg: DictConfig) -> Path:
+def resolve_teacher_checkpoint(cfg: DictConfig, pretrain: bool = True) -> Path | None:
     """teacher.checkpoint when given; else this run's pretrain output; else the cache, pretraining on a miss.
 
     Pretraining on a miss happens only where the config allows it (`teacher.pretrain_if_missing`, set by the
-    embedded defaults): a real model needs a real checkpoint.
+    embedded defaults): a real model needs a real checkpoint. With pretrain=False, None stands for that pretraining.
     """
     if cfg.teacher.checkpoint:
         path = Path(cfg.teacher.checkpoint)
@@ -361,6 +369,8 @@ def resolve_teacher_checkpoint(cfg: DictConfig) -> Path:
             f"stage={cfg.stage} needs a teacher for model={model_title(cfg)}: pass teacher.checkpoint=/path/to/model.pt "
             "(e.g. DiT-XL-2-256x256.pt). Only the embedded digits defaults are pretrained automatically."
         )
+    if not pretrain:
+        return None
     run_pretrain(cfg)  # fills the cache
     return cached
 
@@ -368,6 +378,57 @@ def resolve_teacher_checkpoint(cfg: DictConfig) -> Path:
 def load_teacher(cfg: DictConfig) -> nn.Module:
     """The teacher of resolve_teacher_checkpoint, built as the configured model at its own depth (EMA weights)."""
     return load_model(cfg, resolve_teacher_checkpoint(cfg))
+
+
+def instantiate_group(cfg: DictConfig, group: str, **overrides: Any) -> Any:
+    """instantiate(cfg.<group>), with a mistake in the group's settings raised as a UsageError naming the group."""
+    try:
+        return instantiate(cfg[group], **overrides)
+    except InstantiationException as error:
+        raise group_error(error, group) from error
+
+
+def group_error(error: InstantiationException, group: str) -> UsageError:
+    """A UsageError for a group Hydra could not instantiate: its cause's message, or Hydra's for a wrong setting."""
+    cause = find_usage_error(error)
+    if cause is not None:
+        return type(cause)(f"{group}: {cause}")
+    reason = error.__cause__ or error
+    if isinstance(reason, TypeError):  # e.g. +model.dpeth=4: an argument the target does not take
+        return UsageError(f"{group}: {reason}. Remove the setting or correct its name (see conf/{group}/).")
+    return UsageError(f"{group} cannot be built: {reason}")
+
+
+def build_data(cfg: DictConfig) -> L.LightningDataModule:
+    """The `data` group's datamodule, checked against the configured model: sample shape, classes, a full batch.
+
+    Stages build it before loading or training anything, so data that cannot work stops the run at its start.
+    """
+    datamodule = instantiate_group(cfg, "data")
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    if len(loader) == 0:
+        raise UsageError(
+            f"data.batch_size={cfg.data.batch_size} is larger than the {len(loader.dataset)} training samples, so "
+            f"training would see no full batch. Lower data.batch_size to at most {len(loader.dataset)}."
+        )
+    blueprint = model_blueprint(cfg)
+    family = family_of(blueprint)
+    sample_shape, expected = tuple(loader.dataset[0][0].shape), tuple(family.sample_shape(blueprint))
+    if sample_shape != expected:
+        raise UsageError(
+            f"the data's samples have shape {sample_shape} (channels, height, width) but model={model_title(cfg)} "
+            f"takes {expected}. Configure the model for the data (model.in_channels, model.input_size) or pick data "
+            "that fits it (data.image_size for the digits)."
+        )
+    model_classes, data_classes = family.num_classes(blueprint), getattr(datamodule, "num_classes", None)
+    if model_classes is not None and data_classes is not None and data_classes > model_classes:
+        raise UsageError(
+            f"the data has {data_classes} classes but model={model_title(cfg)} has num_classes={model_classes}: "
+            f"labels {model_classes} to {data_classes - 1} have no row in its label table. Set "
+            f"model.num_classes={data_classes}, or data.num_classes to the data's own count."
+        )
+    return datamodule
 
 
 def build_module(cfg: DictConfig, stage_cfg: DictConfig, net: nn.Module | None = None) -> DiffusionModule:
@@ -425,10 +486,9 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
 
     The checkpoint is also cached, so later stages and runs reuse it instead of retraining.
     """
-    folder = stage_dir(cfg, "pretrain")
     resume_from = resume_checkpoint(cfg, "pretrain", "pretrain.resume_from")
+    datamodule = build_data(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
     module = build_module(cfg, cfg.pretrain)
     trainer = build_trainer(cfg, "pretrain", max_steps=cfg.pretrain.max_steps)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
@@ -439,6 +499,7 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
             "data.batch_size; nothing was saved or cached."
         )
     gather_full_weights(module, lambda: instantiate(cfg.model))
+    folder = stage_dir(cfg, "pretrain")  # after every check: a refused run leaves no folder
     return distributed.on_rank_zero(save_pretrained_teacher, cfg, module, trainer, folder)
 
 

@@ -116,6 +116,12 @@ def latent_decoder(cfg: DictConfig, device: torch.device) -> Decoder | None:
 def check_settings(cfg: DictConfig) -> None:
     """Fail on a bad evaluate setting before anything slow (loading models, pretraining a teacher) starts."""
     selected_models(cfg)
+    settings = cfg.evaluate
+    for key, value, least in (("num_samples", settings.num_samples, 1), ("batch_size", settings.batch_size, 1),
+                              ("speed.batch_size", settings.speed.batch_size, 1), ("speed.steps", settings.speed.steps, 1),
+                              ("speed.repeats", settings.speed.repeats, 1), ("speed.warmup", settings.speed.warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UsageError(f"evaluate.{key}={value!r} must be a whole number >= {least}.")
     evaluation_device(cfg)
     fid_mode(cfg)
     check_objective(cfg)
@@ -284,11 +290,11 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     model's speedup and ideal_speedup over the teacher at the top level.
     """
     check_settings(cfg)
-    folder = stage_dir(cfg, "evaluate")
     checkpoints = checkpoints_to_evaluate(cfg)
     # a teacher from another registry entry (teacher.name, e.g. a D14 teacher) is built as that entry
     nets = {name: load_model(cfg, path, cfg.teacher.get("name") if name == "teacher" else None)
             for name, path in checkpoints.items()}
+    folder = stage_dir(cfg, "evaluate")
     metrics = evaluate_nets(cfg, nets, folder, reference="teacher" if "teacher" in nets else None)
     for name, path in checkpoints.items():
         metrics[name]["checkpoint"] = str(path)

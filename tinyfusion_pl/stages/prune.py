@@ -32,6 +32,7 @@ from tinyfusion_pl.pruning.selectors import (
     sensitivity,
 )
 from tinyfusion_pl.stages.common import (
+    build_data,
     build_trainer,
     finish_loggers,
     gather_full_weights,
@@ -129,21 +130,24 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
         callbacks = learnable_callbacks(cfg, model_family(cfg).block_argument(prefix="net."))
         resume_from = resume_checkpoint(cfg, "prune", "pruning.resume_from")
     elif cfg.pruning.get("resume_from"):
-        raise ValueError(f"pruning.resume_from={cfg.pruning.resume_from}: pruning.selector={cfg.pruning.selector} "
+        raise UsageError(f"pruning.resume_from={cfg.pruning.resume_from}: pruning.selector={cfg.pruning.selector} "
                          "trains nothing, so there is nothing to resume. Drop pruning.resume_from.")
-    folder = stage_dir(cfg, "prune")
+    datamodule = build_data(cfg)
     teacher_path = resolve_teacher_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True)
     net = load_teacher(cfg)
-    datamodule = instantiate(cfg.data)
+    if callbacks is not None:  # the pattern against the teacher's depth, before the trainer writes anything
+        callbacks[0].pattern.groups_for_depth(sum(family_of(net).block_counts(net)))
     objective = instantiate(cfg.objective)
     batches = calibration_batches(datamodule, cfg.pruning.calibration_batches, seed=cfg.seed)
     if callbacks is not None:
-        decision, net = learnable_selection(cfg, net, datamodule, folder, callbacks, resume_from)
+        decision, net = learnable_selection(cfg, net, datamodule, stage_dir(cfg, "prune"), callbacks,
+                                            resume_from)
     else:
         decision = baseline_selection(cfg, net, objective, batches)
     # Every rank exports what rank zero exports: a decision that differs anywhere stops the run here.
     distributed.check_same_on_every_rank(decision["kept_blocks"], "The pruning decision (kept_blocks)")
+    folder = stage_dir(cfg, "prune")  # a baseline writes nothing before its decision is exported
     return distributed.on_rank_zero(export_decision, cfg, net, decision, objective, batches, folder, teacher_path,
                                     learned=callbacks is not None)
 

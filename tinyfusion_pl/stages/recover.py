@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +26,7 @@ from tinyfusion_pl.io import (
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.pruning.calibration import calibration_batches, calibration_loss
 from tinyfusion_pl.stages.common import (
+    build_data,
     build_trainer,
     checkpoint_payload,
     finish_loggers,
@@ -108,21 +110,40 @@ def build_recovery_module(
     return module, teacher_path
 
 
+def check_teacher_fits(module: DiffusionModule, batch: tuple[torch.Tensor, dict], cfg: DictConfig, teacher: Path) -> None:
+    """The distillation losses of two samples, untrained: a teacher whose outputs or paired hidden states do not
+    match the student's fails here, before the trainer writes anything (its own generator: no global RNG drawn)."""
+    if not isinstance(module, DistillationModule):
+        return
+    x, cond = batch
+    sample = x[:2] if "y" not in cond else (x[:2], cond["y"][:2])
+    try:
+        with torch.no_grad():
+            module.distillation_losses(sample, generator=torch.Generator().manual_seed(cfg.seed))
+    except ValueError as error:
+        raise UsageError(
+            f"the teacher {teacher} does not fit the pruned student for distill={cfg.distill.method}: {error} Distil "
+            "from a teacher of the student's architecture (teacher.checkpoint, teacher.name), or pass distill=kd "
+            "(outputs only) when only the hidden widths differ."
+        ) from error
+
+
 def run_recover(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune the pruned model of a prune folder; writes recover/model.pt ({'model','ema'}) and metrics.json."""
-    folder = stage_dir(cfg, "recover")
     source = pruned_folder(cfg)
     # A resumed recovery must distil the pruned model it started with: its decision is recorded in the checkpoints.
     inputs = {"recover.pruned's decision.json (sha256)": file_digest(source / "decision.json")}
     resume_from = resume_checkpoint(cfg, "recover", "recover.resume_from", inputs)
-    L.seed_everything(cfg.seed, workers=True)
     decision = read_decision(source)
+    datamodule = build_data(cfg)
+    L.seed_everything(cfg.seed, workers=True)
     student = load_model(cfg, source / pruned_checkpoint_name(source))
-    datamodule = instantiate(cfg.data)
     objective = instantiate(cfg.objective)
     batches = calibration_batches(datamodule, cfg.recover.calibration_batches, seed=cfg.seed)
     loss_before = distributed.on_rank_zero(calibration_loss, student, objective, batches, seed=cfg.seed)
     module, teacher_path = build_recovery_module(cfg, student, decision)
+    check_teacher_fits(module, batches[0], cfg, teacher_path)
+    folder = stage_dir(cfg, "recover")  # after every check: a refused run leaves no folder behind
     trainer = build_trainer(cfg, "recover", max_steps=cfg.recover.max_steps, inputs=inputs)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     gather_full_weights(module, lambda: load_model(cfg, source / pruned_checkpoint_name(source)))
