@@ -134,6 +134,19 @@ ROWS = [
      r"evaluate.num_samples=0 must be a whole number >= 1"),
     ("Inception FID without reference images", ["stage=evaluate", "evaluate.models=[teacher]", "evaluate.fid=inception"],
      r"evaluate.fid=inception needs real images"),
+    ("an unknown FID mode", ["stage=evaluate", "evaluate.models=[teacher]", "evaluate.fid=kid"],
+     r"evaluate.fid='kid' is not one of \('auto', 'digits', 'inception', 'none'\)"),
+    ("a reference .npz that does not exist", ["stage=evaluate", "evaluate.models=[teacher]",
+                                              "evaluate.reference_npz=/nonexistent/ref.npz"],
+     r"evaluate.reference_npz=/nonexistent/ref.npz is not a file"),
+    ("evaluation on a GPU the machine lacks", ["stage=evaluate", "evaluate.models=[teacher]", "evaluate.device=cuda"],
+     r"evaluate.device=cuda but no CUDA device is available; use evaluate.device=cpu or auto"),
+    ("a pruned checkpoint that does not exist", ["stage=evaluate", "evaluate.pruned_checkpoint=/nonexistent/model.pt"],
+     r"evaluate.pruned_checkpoint=/nonexistent/model.pt does not exist"),
+    ("a folder given as a checkpoint", ["stage=prune", "teacher.checkpoint={root}"],
+     r"checkpoint path=.* does not exist or is not a file"),
+    ("a validation fraction outside (0, 1)", ["stage=pretrain", "data.val_fraction=1.5"],
+     r"val_fraction=1.5 must be in \(0, 1\)"),
     ("an unknown model to evaluate", ["stage=evaluate", "evaluate.models=[student]"],
      r"evaluate.models=\['student'\] is invalid"),
     ("a batch larger than the data", ["stage=pretrain", "data.batch_size=4096"],
@@ -171,7 +184,7 @@ ROWS = [
     ("compare_selectors without its experiment", ["stage=compare_selectors"],
      r"needs compare.selectors: use experiment=compare_selectors"),
 ]
-GPU_ROWS = {"fsdp on a CPU-only machine", "more GPUs than the machine has"}
+GPU_ROWS = {"fsdp on a CPU-only machine", "more GPUs than the machine has", "evaluation on a GPU the machine lacks"}
 
 
 def fill(overrides: list[str], inputs: dict[str, str]) -> list[str]:

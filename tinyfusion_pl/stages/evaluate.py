@@ -141,6 +141,11 @@ def fid_mode(cfg: DictConfig) -> str:
     mode, reference = cfg.evaluate.fid, cfg.evaluate.reference_npz
     if mode not in FID_MODES:
         raise UsageError(f"evaluate.fid={mode!r} is not one of {FID_MODES}.")
+    for key in ("reference_npz", "inception_weights"):
+        path = cfg.evaluate.get(key)
+        if path and not Path(path).is_file():
+            raise MissingInputError(f"evaluate.{key}={path} is not a file. Pass the path of an existing file, or "
+                                    f"leave evaluate.{key} unset (null).")
     if mode == "auto":
         return "digits" if judge(cfg) == "digits" else "inception" if reference else "none"
     if mode == "digits" and judge(cfg) != "digits":
