@@ -60,9 +60,14 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     broken.mkdir(parents=True)
     (broken / "pruned.pt").write_bytes((pruned / "prune" / "pruned.pt").read_bytes())
     (broken / "decision.json").write_text('{"kept_blocks": [0, ')
+    half = root / "half_written" / "prune"  # a prune killed between its first and last write
+    half.mkdir(parents=True)
+    for name in ("pruned.pt", "decision.json"):
+        (half / name).write_bytes((pruned / "prune" / name).read_bytes())
+    (half / "manifest.json").write_text('{"stage": "prune", "complete": false, "files": {}}')
     return {"root": str(root), "teacher": str(root / "teacher.pt"), "pruned": str(pruned / "prune"),
             **{path.stem if path.is_file() else path.name: str(path) for path in root.iterdir()},
-            "broken_decision": str(broken), "pruned_files": ",".join(sorted(contents(pruned / "prune")))}
+            "broken_decision": str(broken), "half_written": str(half), "pruned_files": ",".join(sorted(contents(pruned / "prune")))}
 
 
 LATENTS = ["stage=pretrain", "data=latents", "model.input_size=8", "data.num_classes=10", "data.num_workers=0", "data.batch_size=2",
@@ -115,6 +120,14 @@ ROWS = [
     ("recover without prune", ["stage=recover"], r"lacks pruned.pt, decision.json. Run stage=prune in this run folder"),
     ("a corrupt decision.json", ["stage=recover", "recover.pruned={broken_decision}"],
      r"decision.json cannot be read .*Run stage=prune again"),
+    ("a half-written prune output", ["stage=recover", "recover.pruned={half_written}"],
+     r"holds a half-written stage=prune output"),
+    ("resuming from a checkpoint that does not exist", ["stage=pretrain", "pretrain.resume_from=/nonexistent/last.ckpt"],
+     r"pretrain.resume_from=/nonexistent/last.ckpt does not exist. Pass a checkpoint from <run>/pretrain/checkpoints/"),
+    ("resuming from a model file instead of a Lightning checkpoint", ["stage=pretrain", "pretrain.resume_from={teacher}"],
+     r"is not a Lightning checkpoint .*use teacher.checkpoint or pretrain.module.init_checkpoint"),
+    ("resume_from=auto with nothing to resume", ["stage=pretrain", "pretrain.resume_from=auto"],
+     r"pretrain.resume_from=auto found no checkpoint in .*hydra.run.dir=<the run folder>"),
     ("evaluate without prune", ["stage=evaluate"],
      r"holds neither recover/model.pt nor prune/pruned.pt.*evaluate.models=\[teacher\]"),
     ("an unknown distillation method", [*RECOVER, "distill.method=logits"], r"distill.method='logits' is not one of"),

@@ -203,7 +203,7 @@ def resume_checkpoint(cfg: DictConfig, stage: str, option: str, inputs: dict[str
         candidates = sorted((path for path in folder.glob("*.ckpt") if not path.name.startswith(".")),
                             key=lambda path: (path.name == "last.ckpt", path.stat().st_mtime), reverse=True)
         if not candidates:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{option}=auto found no checkpoint in {folder}. `auto` resumes the run in the folder this run writes "
                 "to, so pass that run's folder: hydra.run.dir=<the run folder> (e.g. outputs/prune/2026-01-01_12-00-00); "
                 f"or pass {option}=/path/to/<run>/{stage}/{CHECKPOINT_FOLDER}/last.ckpt, or drop {option} to start at "
@@ -213,13 +213,13 @@ def resume_checkpoint(cfg: DictConfig, stage: str, option: str, inputs: dict[str
     else:
         path = Path(value)
         if not path.exists():
-            raise FileNotFoundError(f"{option}={path} does not exist. Pass a checkpoint from <run>/{stage}/"
+            raise MissingInputError(f"{option}={path} does not exist. Pass a checkpoint from <run>/{stage}/"
                                     f"{CHECKPOINT_FOLDER}/ (last.ckpt), or {option}=auto with hydra.run.dir=<the run folder>.")
     if path.is_dir():  # a sharded (FSDP) checkpoint: a folder that Lightning reads itself
         return str(path)
     record = checkpoint_record(path, option)
     if record is not None and record.get("stage") != stage:
-        raise ValueError(
+        raise UsageError(
             f"{option}={path} is a checkpoint of stage={record.get('stage')}, not of stage={stage}. Pass one from "
             f"<run>/{stage}/{CHECKPOINT_FOLDER}/, or {option}=auto with hydra.run.dir=<the run folder>."
         )
@@ -245,11 +245,11 @@ def checkpoint_record(path: Path, option: str) -> dict[str, Any] | None:
         except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - a truncated or foreign file fails in many ways
-        raise ValueError(f"{option}={path} cannot be read as a checkpoint ({type(error).__name__}: {error}). It may be "
+        raise UsageError(f"{option}={path} cannot be read as a checkpoint ({type(error).__name__}: {error}). It may be "
                          "cut short by a kill while it was written; pass another checkpoint, or drop "
                          f"{option} to start at step 0.") from error
     if not isinstance(checkpoint, dict) or not {"state_dict", "global_step"} <= set(checkpoint):
-        raise ValueError(f"{option}={path} is not a Lightning checkpoint (no state_dict/global_step): it takes the "
+        raise UsageError(f"{option}={path} is not a Lightning checkpoint (no state_dict/global_step): it takes the "
                          f".ckpt files in <run>/<stage>/{CHECKPOINT_FOLDER}/. To start from a model's weights instead, "
                          "use teacher.checkpoint or pretrain.module.init_checkpoint.")
     return checkpoint.get(CHECKPOINT_RECORD)

@@ -61,7 +61,7 @@ def pruned_folder(cfg: DictConfig) -> Path:
             "recover.pruned=/path/to/<run>/prune (the folder stage=prune wrote)."
         )
     if manifest is not None and pruned_checkpoint_name(folder) not in manifest["files"]:
-        raise ValueError(f"{folder}/decision.json names {pruned_checkpoint_name(folder)}, which its manifest.json "
+        raise UsageError(f"{folder}/decision.json names {pruned_checkpoint_name(folder)}, which its manifest.json "
                          f"does not list: the files come from different runs. {fix}")
     return folder
 
