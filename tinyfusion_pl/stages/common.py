@@ -55,10 +55,17 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
     """The folder of one stage inside the run folder (created), rid of the temporaries a killed run left there."""
     path = Path(cfg.paths.run_dir) / stage
     path.mkdir(parents=True, exist_ok=True)
+    clear_strays(cfg, stage)
+    return path
+
+
+def clear_strays(cfg: DictConfig, stage: str) -> None:
+    """Remove the temporaries a killed run left in a stage's folder, creating nothing: stages call it first, so
+    strays go even when a check then refuses the run."""
     if distributed.global_rank() == 0:  # the only rank that writes: another could take its temporaries for strays
+        path = Path(cfg.paths.run_dir) / stage
         remove_stray_temporaries(path)
         remove_stray_temporaries(path.parent, recursive=False)  # the run folder's own files (report.md, metrics.json)
-    return path
 
 
 def start_processes(cfg: DictConfig) -> None:
@@ -486,6 +493,7 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
 
     The checkpoint is also cached, so later stages and runs reuse it instead of retraining.
     """
+    clear_strays(cfg, "pretrain")
     resume_from = resume_checkpoint(cfg, "pretrain", "pretrain.resume_from")
     datamodule = build_data(cfg)
     L.seed_everything(cfg.seed, workers=True)

@@ -33,6 +33,7 @@ from tinyfusion_pl.families import family_of
 from tinyfusion_pl.io import check_output_set, save_json
 from tinyfusion_pl.stages.common import (
     check_objective,
+    clear_strays,
     judge,
     load_model,
     model_blueprint,
@@ -294,6 +295,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics.json holds one entry per model (see evaluate_nets) and, when both are evaluated, the pruned
     model's speedup and ideal_speedup over the teacher at the top level.
     """
+    clear_strays(cfg, "evaluate")
     check_settings(cfg)
     checkpoints = checkpoints_to_evaluate(cfg)
     # a teacher from another registry entry (teacher.name, e.g. a D14 teacher) is built as that entry

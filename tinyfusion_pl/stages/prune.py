@@ -34,6 +34,7 @@ from tinyfusion_pl.pruning.selectors import (
 from tinyfusion_pl.stages.common import (
     build_data,
     build_trainer,
+    clear_strays,
     finish_loggers,
     gather_full_weights,
     load_teacher,
@@ -125,6 +126,7 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
             f"pruning.selector='{cfg.pruning.selector}' is not one of {['learnable', *BASELINE_SELECTORS]}. "
             "Pick it with the pruning group, e.g. pruning=bi_score."
         )
+    clear_strays(cfg, "prune")
     callbacks, resume_from = None, None
     if cfg.pruning.selector == "learnable":  # a bad pruning setting stops the run before the teacher is trained
         callbacks = learnable_callbacks(cfg, model_family(cfg).block_argument(prefix="net."))

@@ -29,6 +29,7 @@ from tinyfusion_pl.stages.common import (
     build_data,
     build_trainer,
     checkpoint_payload,
+    clear_strays,
     finish_loggers,
     gather_full_weights,
     judge_samples,
@@ -130,6 +131,7 @@ def check_teacher_fits(module: DiffusionModule, batch: tuple[torch.Tensor, dict]
 
 def run_recover(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune the pruned model of a prune folder; writes recover/model.pt ({'model','ema'}) and metrics.json."""
+    clear_strays(cfg, "recover")
     source = pruned_folder(cfg)
     # A resumed recovery must distil the pruned model it started with: its decision is recorded in the checkpoints.
     inputs = {"recover.pruned's decision.json (sha256)": file_digest(source / "decision.json")}
