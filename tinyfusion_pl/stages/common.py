@@ -233,7 +233,7 @@ def resume_checkpoint(cfg: DictConfig, stage: str, option: str, inputs: dict[str
     recorded = (record or {}).get("inputs", {})
     changed = [name for name, digest in (inputs or {}).items() if name in recorded and recorded[name] != digest]
     if changed:
-        raise ValueError(
+        raise UsageError(
             f"{option}={path} was trained on other inputs than this run's: "
             + "; ".join(f"{name} was {recorded[name][:12]}..., is {inputs[name][:12]}... now" for name in changed)
             + f". Resume with the inputs the run started from, or drop {option} to start at step 0."
