@@ -135,6 +135,8 @@ ROWS = [
     ("a teacher whose hidden states do not fit the student", [*RECOVER, "teacher.checkpoint={wrong_size}",
                                                               "teacher.name=DiT-Mini/2", "distill.pairing=reference"],
      r"(?s)does not fit the pruned student for distill=masked_kd: student hidden state .*pass distill=kd"),
+    ("an objective the model's family does not train", ["stage=pretrain", "model=mar_digits", "~model.depth"],
+     r"model=MAR-Tiny is trained and sampled only by its own objective, objective=mar; got GaussianDiffusion"),
     ("a sampler method typo", ["stage=pipeline", "sampling.method=ddmi"],
      r"method='ddmi' is invalid: expected one of \('ddpm', 'ddim'\)"),
     ("a sampler option the objective lacks", ["stage=pipeline", "experiment=sit_digits", "+sampling.eta=0.5"],

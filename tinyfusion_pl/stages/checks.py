@@ -28,6 +28,7 @@ from tinyfusion_pl.families import family_of
 from tinyfusion_pl.loggers import wandb_mode
 from tinyfusion_pl.stages.common import (
     SAMPLING_SETTINGS,
+    check_objective,
     group_error,
     instantiate_group,
     model_blueprint,
@@ -48,6 +49,10 @@ DISTILL_METHODS = ("none", "kd", "masked_kd")
 def check_config(cfg: DictConfig) -> None:
     """Raise a UsageError naming the fix for the first setting of `cfg` that cannot work for `cfg.stage`."""
     stage = cfg.stage
+    try:
+        check_objective(cfg)  # first: another family's objective config may read model settings this model lacks
+    except (InterpolationResolutionError, InstantiationException):
+        pass  # the model itself cannot be built: check_interpolations and check_model say why
     check_interpolations(cfg)
     missing = [key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra")]
     if missing:

@@ -454,7 +454,7 @@ def check_objective(cfg: DictConfig) -> None:
     own = model_family(cfg).own_objective
     objective_class = get_class(cfg.objective._target_)
     if own is not None and objective_class.config_name != own:
-        raise ValueError(f"model={model_title(cfg)} is trained and sampled only by its own objective, objective={own}; "
+        raise UsageError(f"model={model_title(cfg)} is trained and sampled only by its own objective, objective={own}; "
                          f"got {objective_class.__name__}. Pass objective={own} (or an experiment that sets it, "
                          "e.g. experiment=mar_digits).")
 
