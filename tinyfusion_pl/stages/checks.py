@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
@@ -171,6 +172,8 @@ def check_trainer(cfg: DictConfig) -> None:
             instantiate(cfg.callbacks[name])
         except InstantiationException as error:
             raise UsageError(f"callbacks.{name} cannot be built: {error.__cause__ or error}") from error
+    if "fsdp_strategy" in describe_strategy(cfg.trainer.get("strategy")) and not torch.cuda.is_available():
+        return  # start_processes refuses it next, naming trainer=fsdp2 and ddp for CPUs
     with quiet_lightning():
         try:
             instantiate(cfg.trainer, max_steps=1, logger=False, callbacks=[], enable_checkpointing=False)

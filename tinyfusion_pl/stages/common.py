@@ -79,13 +79,13 @@ def start_processes(cfg: DictConfig) -> None:
     target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
     if "fsdp_strategy" in target or target.endswith("FSDPStrategy") or target == "fsdp":
         if trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
-            raise ValueError(
+            raise UsageError(
                 "trainer=fsdp (Lightning's FSDPStrategy) needs CUDA GPUs, and this machine has none. On CPUs shard "
                 "with trainer=fsdp2 trainer.accelerator=cpu (FSDP2 over gloo), or replicate with trainer=ddp "
                 "trainer.accelerator=cpu."
             )
     if "spawn" in target or "notebook" in target:
-        raise ValueError(f"trainer.strategy={target} starts its processes inside trainer.fit, but every stage "
+        raise UsageError(f"trainer.strategy={target} starts its processes inside trainer.fit, but every stage "
                          "of train.py runs on every rank: use trainer.strategy=ddp.")
     name_the_sweep_folder()
     processes = distributed.start_processes(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"),
