@@ -1,16 +1,31 @@
-"""Hydra entry point: `python train.py` runs the embedded default; see conf/train.yaml for the groups."""
+"""Hydra entry point: `python train.py` runs the embedded default; see conf/train.yaml for the groups.
 
+A mistake in the settings, paths or files (a `tinyfusion_pl.UsageError`) is shown as its message alone, with exit
+status 1; `HYDRA_FULL_ERROR=1` shows its traceback too.
+"""
+
+import os
+import sys
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from tinyfusion_pl.stages import run_stage
-
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> dict[str, Any]:
-    return run_stage(cfg)
+    # Imported here, not above: a config that Hydra itself refuses fails without waiting for torch and Lightning.
+    from tinyfusion_pl.errors import find_usage_error
+    from tinyfusion_pl.stages import run_stage
+
+    try:
+        return run_stage(cfg)
+    except Exception as error:
+        usage_error = find_usage_error(error)
+        if usage_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"Error: {usage_error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ _EXPORTS = {
     "ModelFamily": "tinyfusion_pl.families",
     "family_of": "tinyfusion_pl.families",
     "prune_blocks": "tinyfusion_pl.pruning",
+    "UsageError": "tinyfusion_pl.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from tinyfusion_pl.errors import UsageError
+
 MANIFEST = "manifest.json"
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
 _TEMPORARY = re.compile(r"^\..+\.partial-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[a-z0-9_]+(\.[^.]*)?$")
@@ -180,13 +182,13 @@ def check_output_set(folder: str | Path, stage: str, needed: Iterable[str], fix:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} cannot be read ({error}), so the files of {folder} may not belong together. {fix}") from error
+        raise UsageError(f"{path} cannot be read ({error}), so the files of {folder} may not belong together. {fix}") from error
     if not isinstance(manifest, dict) or manifest.get("stage") != stage:
-        raise ValueError(f"{path} is not the manifest of a stage={stage} output (it names "
+        raise UsageError(f"{path} is not the manifest of a stage={stage} output (it names "
                          f"{manifest.get('stage') if isinstance(manifest, dict) else manifest!r}). {fix}")
     if not manifest.get("complete"):
         present = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name != MANIFEST)
-        raise ValueError(f"{folder} holds a half-written stage={stage} output: the run that wrote it stopped before "
+        raise UsageError(f"{folder} holds a half-written stage={stage} output: the run that wrote it stopped before "
                          f"finishing (files there now: {', '.join(present) or 'none'}). {fix}")
     files = manifest.get("files", {})
     missing = sorted({name for name in needed if name not in files} | {name for name in files if not (folder / name).exists()})
@@ -194,6 +196,6 @@ def check_output_set(folder: str | Path, stage: str, needed: Iterable[str], fix:
     if missing or changed:
         problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
             [f"{', '.join(changed)} changed since the set was written"] if changed else [])
-        raise ValueError(f"The stage={stage} output in {folder} is not one consistent set ({'; '.join(problems)}): "
+        raise UsageError(f"The stage={stage} output in {folder} is not one consistent set ({'; '.join(problems)}): "
                          f"its files may come from different runs. {fix}")
     return manifest

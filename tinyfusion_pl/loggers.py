@@ -9,6 +9,7 @@ from typing import Any
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.io import save_text
 
 
@@ -22,12 +23,19 @@ def wandb_is_configured() -> bool:
         return False
 
 
-def wandb_logger(save_dir: str, project: str = "tinyfusion_pl", mode: str | None = None, **kwargs: Any) -> WandbLogger:
-    """A WandbLogger that runs offline unless W&B is configured (or WANDB_MODE / `mode` says otherwise)."""
+def wandb_mode(mode: str | None) -> str:
+    """`mode`, else WANDB_MODE, else online when W&B is configured and offline when not; checked."""
     mode = mode or os.environ.get("WANDB_MODE") or ("online" if wandb_is_configured() else "offline")
     mode = "offline" if mode == "dryrun" else mode  # wandb's own older name, which it still sets in os.environ
     if mode not in ("online", "offline", "disabled"):
-        raise ValueError(f"logger.wandb.mode='{mode}' must be 'online', 'offline' or 'disabled'.")
+        raise UsageError(f"logger.wandb.mode='{mode}' must be 'online', 'offline' or 'disabled' "
+                         "(or null: online when you are logged in to W&B, else offline).")
+    return mode
+
+
+def wandb_logger(save_dir: str, project: str = "tinyfusion_pl", mode: str | None = None, **kwargs: Any) -> WandbLogger:
+    """A WandbLogger that runs offline unless W&B is configured (or WANDB_MODE / `mode` says otherwise)."""
+    mode = wandb_mode(mode)
     return WandbLogger(save_dir=save_dir, project=project, offline=mode == "offline", mode=mode, **kwargs)
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.evaluation.sampling import sample_images
 from tinyfusion_pl.families import find_family
 from tinyfusion_pl.models.checkpoints import extract_state_dict, load_checkpoint_file
@@ -55,17 +56,17 @@ class DiffusionModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if lr <= 0:
-            raise ValueError(f"lr={lr} must be > 0.")
+            raise UsageError(f"lr={lr} must be > 0.")
         if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule='{lr_schedule}' is not one of {LR_SCHEDULES}.")
+            raise UsageError(f"lr_schedule='{lr_schedule}' is not one of {LR_SCHEDULES}.")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay={ema_decay} must be in [0, 1), or None to keep no EMA.")
+            raise UsageError(f"ema_decay={ema_decay} must be in [0, 1), or None to keep no EMA.")
         if isinstance(max_nonfinite_fraction, bool) or not isinstance(max_nonfinite_fraction, (int, float)) \
                 or not 0.0 <= max_nonfinite_fraction <= 1.0:
-            raise ValueError(f"max_nonfinite_fraction={max_nonfinite_fraction!r} must be a number in [0, 1] (the share "
+            raise UsageError(f"max_nonfinite_fraction={max_nonfinite_fraction!r} must be a number in [0, 1] (the share "
                              "of skipped non-finite steps at which training stops; 1.0 never stops).")
         if init_from not in ("ema", "model"):
-            raise ValueError(f"init_from='{init_from}' must be 'ema' or 'model'.")
+            raise UsageError(f"init_from='{init_from}' must be 'ema' or 'model'.")
         self.save_hyperparameters(ignore=["net", "objective"])
         self.net = net
         self.objective = objective if objective is not None else GaussianDiffusion()

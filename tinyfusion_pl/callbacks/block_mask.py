@@ -16,6 +16,7 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.io import save_json
 from tinyfusion_pl.pruning.block_hooks import (
     BlockMask,
@@ -187,7 +188,7 @@ class DifferentiableBlockMask(Callback):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             errors.append(f"seed={seed!r} must be a non-negative integer or None (None: torch.initial_seed()).")
         if errors:
-            raise ValueError("DifferentiableBlockMask: " + "\n".join(errors))
+            raise UsageError("DifferentiableBlockMask: " + "\n".join(errors))
 
         self.blocks = blocks if isinstance(blocks, str) else list(blocks)
         self.streams = streams
@@ -328,7 +329,7 @@ class DifferentiableBlockMask(Callback):
                 families.append(f"the {owner.family.class_name} family (of '{owner.path or type(root).__name__}')")
         problem = required_blocks_problem(groups, sorted(required))
         if problem is not None:
-            raise ValueError(
+            raise UsageError(
                 f"DifferentiableBlockMask(blocks={describe_paths(self.blocks)}, pattern={self.pattern.describe()!r}): "
                 f"{' and '.join(families)} requires blocks {sorted(required)} (global indices over the blocks; every "
                 f"exportable decision keeps them, prune_blocks refuses one that drops them), but {problem}."
@@ -440,7 +441,7 @@ class DifferentiableBlockMask(Callback):
         gates = self._ready_gates()
         saved_groups = [tuple(group) for group in state.get("groups", gates.groups)]
         if saved_groups != list(gates.groups):
-            raise ValueError(
+            raise UsageError(
                 f"The checkpoint's DifferentiableBlockMask state has groups {saved_groups}, but this callback "
                 f"has {list(gates.groups)}. Resume with the pattern the checkpoint was trained with."
             )
@@ -509,7 +510,7 @@ class DifferentiableBlockMask(Callback):
     def _estimate_run_steps(self, trainer: L.Trainer) -> int:
         steps = trainer.estimated_stepping_batches
         if not math.isfinite(steps) or steps < 1:
-            raise ValueError(
+            raise UsageError(
                 f"DifferentiableBlockMask anneals tau/scaling over the run, but the Trainer's run length is "
                 f"{steps} steps. Set Trainer(max_steps=...) or max_epochs, or pass total_steps=... to the callback."
             )

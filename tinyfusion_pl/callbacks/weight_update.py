@@ -11,6 +11,7 @@ import torch.nn as nn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from tinyfusion_pl.callbacks.block_mask import DifferentiableBlockMask
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.pruning.containers import (
     BlockPaths,
     BlockSequence,
@@ -70,7 +71,7 @@ class CoOptimizedWeightUpdate(L.Callback):
             problems.append("merge=True has nothing to merge with method='frozen'; drop merge or pick 'lora'/'full'")
         problems += lora_argument_problems(rank, alpha, dropout)
         if problems:
-            raise ValueError("Invalid CoOptimizedWeightUpdate arguments: " + "; ".join(problems) + ".")
+            raise UsageError("Invalid CoOptimizedWeightUpdate arguments: " + "; ".join(problems) + ".")
         self.method = method
         self.rank = rank
         self.alpha = alpha
@@ -89,7 +90,7 @@ class CoOptimizedWeightUpdate(L.Callback):
         if stage != "fit":
             return
         if self._sequence is not None:
-            raise RuntimeError(
+            raise UsageError(
                 "This CoOptimizedWeightUpdate is already active on a model; use one instance per running fit."
             )
         sequence = resolve_block_sequence(pl_module, self._blocks_to_adapt(trainer, pl_module))
@@ -138,12 +139,12 @@ class CoOptimizedWeightUpdate(L.Callback):
         if len(gated) == 1:
             return masks[0].blocks
         if gated:
-            raise ValueError(
+            raise UsageError(
                 f"CoOptimizedWeightUpdate(blocks=None) adapts the blocks of the DifferentiableBlockMask, but the "
                 f"Trainer has {len(masks)} masks on different blocks "
                 f"({', '.join(describe_paths(mask.blocks) for mask in masks)}). Pass blocks=... to choose."
             )
-        raise ValueError(
+        raise UsageError(
             f"CoOptimizedWeightUpdate(blocks=None) adapts the blocks of the DifferentiableBlockMask in the same "
             f"Trainer, but trainer.callbacks has none. Containers of same-class blocks in "
             f"{type(pl_module).__name__}: {describe_containers(pl_module)}. Pass one of them (or a list) as "
@@ -161,7 +162,7 @@ class CoOptimizedWeightUpdate(L.Callback):
         ]
         if missing:
             blocks = self._sequence.paths[0] if len(self._sequence.paths) == 1 else list(self._sequence.paths)
-            raise ValueError(
+            raise UsageError(
                 f"CoOptimizedWeightUpdate(method={self.method!r}): the optimizer does not hold {len(missing)} "
                 f"trainable parameters of {describe_paths(blocks)}, e.g. {missing[:3]}. The update is created in setup, "
                 "before configure_optimizers runs: build the optimizer from self.parameters() there "
@@ -199,7 +200,7 @@ class CoOptimizedWeightUpdate(L.Callback):
         saved = {key: state_dict[key] for key in ("method", "rank", "alpha") if key in state_dict}
         current = {key: getattr(self, key) for key in saved}
         if saved != current:
-            raise ValueError(
+            raise UsageError(
                 f"The checkpoint was trained with CoOptimizedWeightUpdate({saved}) but this run uses {current}. "
                 "Resume with the same method, rank and alpha, or start a new run."
             )

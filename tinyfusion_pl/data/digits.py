@@ -10,6 +10,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
 from tinyfusion_pl.data.resumable import ResumableDataLoader
+from tinyfusion_pl.errors import UsageError
 
 NUM_CLASSES = 10
 DIGITS_MAX_VALUE = 16.0  # sklearn stores the 8x8 digits as integers 0..16
@@ -18,7 +19,7 @@ DIGITS_MAX_VALUE = 16.0  # sklearn stores the 8x8 digits as integers 0..16
 def load_digits_tensors(image_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """All 1797 digits as (N, 1, S, S) float images in [-1, 1] and (N,) int64 labels."""
     if image_size not in (8, 16):
-        raise ValueError(f"image_size={image_size} is not supported; use 8 (native) or 16 (bilinear upsampling).")
+        raise UsageError(f"image_size={image_size} is not supported; use 8 (native) or 16 (bilinear upsampling).")
     digits = load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32)).unsqueeze(1)  # (N, 1, 8, 8)
     images = images / DIGITS_MAX_VALUE * 2.0 - 1.0
@@ -50,11 +51,11 @@ class DigitsDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1.")
+            raise UsageError(f"batch_size={batch_size} must be >= 1.")
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction={val_fraction} must be in (0, 1).")
+            raise UsageError(f"val_fraction={val_fraction} must be in (0, 1).")
         if image_size not in (8, 16):
-            raise ValueError(f"image_size={image_size} is not supported; use 8 (native) or 16 (bilinear upsampling).")
+            raise UsageError(f"image_size={image_size} is not supported; use 8 (native) or 16 (bilinear upsampling).")
         self.batch_size = batch_size
         self.image_size = image_size
         self.val_fraction = val_fraction

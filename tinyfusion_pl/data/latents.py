@@ -11,9 +11,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from tinyfusion_pl.data.digits import split_indices
 from tinyfusion_pl.data.resumable import ResumableDataLoader
+from tinyfusion_pl.errors import UsageError
 
 
-class LatentDataError(ValueError):
+class LatentDataError(UsageError):
     """A latent dataset that cannot be trained on; the message names the file."""
 
 
@@ -121,9 +122,9 @@ class LatentsDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1.")
+            raise UsageError(f"batch_size={batch_size} must be >= 1.")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction={val_fraction} must be in [0, 1).")
+            raise UsageError(f"val_fraction={val_fraction} must be in [0, 1).")
         self.num_classes = num_classes
         self.batch_size = batch_size
         self.val_fraction = val_fraction

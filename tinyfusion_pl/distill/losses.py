@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from tinyfusion_pl.errors import UsageError
+
 Pair = tuple[int, int]  # (student block, teacher block) whose output hidden states are matched
 
 PAIRINGS = ("decision", "reference")
@@ -56,9 +58,9 @@ def masked_feature_mse(
             "paired blocks must have the same width and token count."
         )
     if k is not None and not k > 0:
-        raise ValueError(f"k={k!r} must be > 0 (the paper uses 2), or None to keep every position.")
+        raise UsageError(f"k={k!r} must be > 0 (the paper uses 2), or None to keep every position.")
     if form not in FEATURE_LOSS_FORMS:
-        raise ValueError(f"form={form!r} is not one of {FEATURE_LOSS_FORMS} ('reference' is the paper's code).")
+        raise UsageError(f"form={form!r} is not one of {FEATURE_LOSS_FORMS} ('reference' is the paper's code).")
     student_values, teacher_values = student.float(), teacher.detach().float()
     dims = tuple(range(1, student_values.ndim))
     if k is None:
@@ -74,7 +76,7 @@ def masked_feature_mse(
 def beta_schedule(step: int, total_steps: int, start: float = 1e-2, end: float = 0.0) -> float:
     """The weight of the representation loss: linear from `start` at step 0 to `end` at `total_steps`, then `end`."""
     if total_steps < 1:
-        raise ValueError(f"total_steps={total_steps} must be >= 1.")
+        raise UsageError(f"total_steps={total_steps} must be >= 1.")
     progress = min(max(step, 0) / total_steps, 1.0)
     return start + (end - start) * progress
 
@@ -95,7 +97,7 @@ def decision_pairing(
     """
     kept = sorted(int(block) for block in kept_blocks)
     if not kept or kept[0] < 0 or kept[-1] >= teacher_depth or len(set(kept)) != len(kept):
-        raise ValueError(
+        raise UsageError(
             f"kept_blocks={list(kept_blocks)} does not describe a pruning of a teacher with {teacher_depth} blocks "
             f"(student depth {len(kept)}, teacher depth {teacher_depth}): the decision must list distinct "
             f"blocks from 0 to {teacher_depth - 1}. Use the teacher the model was pruned from, or "
@@ -127,14 +129,14 @@ def check_pairs(pairs: Any, student_depth: int, teacher_depth: int, name: str = 
     try:
         checked = [(operator.index(student), operator.index(teacher)) for student, teacher in pairs]
     except (TypeError, ValueError) as error:
-        raise ValueError(
+        raise UsageError(
             f"{name}={pairs!r} is not a list of [student_block, teacher_block] integer pairs {depths}."
         ) from error
     if not checked:
-        raise ValueError(f"{name}=[] pairs no blocks {depths}; give at least one [student, teacher] pair.")
+        raise UsageError(f"{name}=[] pairs no blocks {depths}; give at least one [student, teacher] pair.")
     misfits = [pair for pair in checked if not (0 <= pair[0] < student_depth and 0 <= pair[1] < teacher_depth)]
     if misfits:
-        raise ValueError(
+        raise UsageError(
             f"{name} pairs {misfits[:4]} do not fit the two models {depths}: student blocks must lie in "
             f"0..{student_depth - 1} and teacher blocks in 0..{teacher_depth - 1}. Use pairing=decision, "
             "or a teacher deep enough for the pairing."
@@ -159,18 +161,18 @@ def layer_pairing(
         if pairing == "reference":
             return reference_pairing(student_depth, teacher_depth)
         if pairing != "decision":
-            raise ValueError(
+            raise UsageError(
                 f"pairing={pairing!r} is not one of {PAIRINGS} nor a list of [student, teacher] pairs."
             )
         if kept_blocks is None:
-            raise ValueError("pairing='decision' needs the kept_blocks of the pruning decision (decision.json).")
+            raise UsageError("pairing='decision' needs the kept_blocks of the pruning decision (decision.json).")
         if len(kept_blocks) != student_depth:
-            raise ValueError(
+            raise UsageError(
                 f"pairing='decision': the decision keeps {len(kept_blocks)} blocks but the student has "
                 f"{student_depth} (teacher depth {teacher_depth}). Use the decision the student was pruned with."
             )
         if pruned_depth is not None and pruned_depth != teacher_depth:
-            raise ValueError(
+            raise UsageError(
                 f"pairing='decision' maps blocks of the {pruned_depth}-block model that was pruned, but the teacher "
                 f"has {teacher_depth} blocks (student depth {student_depth}). Use pairing=reference or an explicit "
                 "list of [student, teacher] pairs for a teacher of another depth."

@@ -16,6 +16,7 @@ from tinyfusion_pl.distill.losses import (
     check_pairs,
     masked_feature_mse,
 )
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.families import BlockStreams, find_family
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.objectives import DiffusionObjective, split_batch
@@ -124,7 +125,7 @@ class DistillationModule(DiffusionModule):
         self.teacher = teacher
         self.family = find_family(net)
         if blocks is None and self.family is None:
-            raise ValueError(f"no model family describes {type(net).__name__}: pass blocks='<path of its block list>'.")
+            raise UsageError(f"no model family describes {type(net).__name__}: pass blocks='<path of its block list>'.")
         # Resolved on use, not stored: a stored ModuleList would become a submodule and duplicate the weights.
         self.blocks_path = self.family.block_argument() if blocks is None else blocks
         self.streams = streams
@@ -167,7 +168,7 @@ class DistillationModule(DiffusionModule):
         if sigma_k is not None and (isinstance(sigma_k, bool) or not isinstance(sigma_k, (int, float)) or sigma_k <= 0):
             problems.append(f"sigma_k={sigma_k!r} must be > 0 (the paper uses 2), or None for unmasked FEAT")
         if problems:
-            raise ValueError("invalid DistillationModule arguments: " + "; ".join(problems) + ".")
+            raise UsageError("invalid DistillationModule arguments: " + "; ".join(problems) + ".")
 
     # ------------------------------------------------------------------ losses
     def label_drops(self, cond: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import torch.distributed
 import torch.nn as nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from tinyfusion_pl.errors import MissingInputError, UsageError
 from tinyfusion_pl.evaluation.digits_classifier import DigitsClassifier
 from tinyfusion_pl.evaluation.sampling import check_uint8_nhwc
 
@@ -140,10 +141,10 @@ def inception_fid(weights_path: str | Path | None = None, feature: int = 2048, b
     torch-fidelity download them once into torch hub's cache.
     """
     if feature not in INCEPTION_FEATURES:
-        raise ValueError(f"feature={feature!r} is invalid: Inception FID uses one of {INCEPTION_FEATURES} "
+        raise UsageError(f"feature={feature!r} is invalid: Inception FID uses one of {INCEPTION_FEATURES} "
                          "(2048 is the standard FID).")
     if weights_path is not None and not Path(weights_path).is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"weights_path={str(weights_path)!r} does not exist. Download {INCEPTION_WEIGHTS_FILE} from "
             f"{INCEPTION_WEIGHTS_URL} on a machine with network, copy it here and pass its path."
         )

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.families import ModelFamily, family_of
 from tinyfusion_pl.io import write_atomically
 from tinyfusion_pl.objectives import DiffusionObjective
@@ -32,7 +33,7 @@ def class_balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
     """Labels 0, 1, ..., num_classes - 1, 0, 1, ... (N,): every class equally often, up to one sample."""
     for name, value in (("num_samples", num_samples), ("num_classes", num_classes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} is invalid: expected a positive int.")
+            raise UsageError(f"{name}={value!r} is invalid: expected a positive int.")
     return torch.arange(num_samples) % num_classes
 
 
@@ -47,13 +48,13 @@ def _validate_sampling_arguments(num_classes: int | None, labels: torch.Tensor, 
         raise ValueError(f"labels range over [{int(labels.min())}, {int(labels.max())}] but the net has "
                          f"num_classes={num_classes}: use class indices in [0, {num_classes - 1}].")
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or cfg_scale < 1.0:
-        raise ValueError(f"cfg_scale={cfg_scale!r} is invalid: expected a number >= 1 (1.0 = no guidance, "
+        raise UsageError(f"cfg_scale={cfg_scale!r} is invalid: expected a number >= 1 (1.0 = no guidance, "
                          "DiT's published samples use 1.5).")
     if cfg_scale > 1.0 and num_classes is None:
-        raise ValueError(f"cfg_scale={cfg_scale} needs a class-conditional net; this one has no classes. "
+        raise UsageError(f"cfg_scale={cfg_scale} needs a class-conditional net; this one has no classes. "
                          "Use cfg_scale=1.0.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is invalid: expected a positive int (images per forward batch).")
+        raise UsageError(f"batch_size={batch_size!r} is invalid: expected a positive int (images per forward batch).")
 
 
 @torch.no_grad()
@@ -177,7 +178,7 @@ def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read a sample batch .npz: uint8 (N, H, W, C) images from 'arr_0', and labels when present."""
     with np.load(path) as archive:
         if NPZ_IMAGES_KEY not in archive:
-            raise ValueError(f"{path} has no '{NPZ_IMAGES_KEY}' array (keys: {sorted(archive.files)}); a sample "
+            raise UsageError(f"{path} has no '{NPZ_IMAGES_KEY}' array (keys: {sorted(archive.files)}); a sample "
                              "batch holds uint8 (N, H, W, C) images under 'arr_0'.")
         images = check_uint8_nhwc(archive[NPZ_IMAGES_KEY], f"'{NPZ_IMAGES_KEY}' of {path}")
         labels = torch.from_numpy(archive[NPZ_LABELS_KEY]) if NPZ_LABELS_KEY in archive else None

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.evaluation.sampling import class_balanced_labels, sample_images
 from tinyfusion_pl.families import family_of, find_family
 from tinyfusion_pl.objectives import DiffusionObjective
@@ -91,9 +92,9 @@ def interleaved_seconds(
     if not workloads:
         raise ValueError("workloads is empty: pass a mapping of name -> zero-argument callable to time.")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats={repeats!r} is invalid: expected a positive int (timed runs per workload).")
+        raise UsageError(f"repeats={repeats!r} is invalid: expected a positive int (timed runs per workload).")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup={warmup!r} is invalid: expected an int >= 0 (untimed runs per workload).")
+        raise UsageError(f"warmup={warmup!r} is invalid: expected an int >= 0 (untimed runs per workload).")
     device = torch.device(device)
     names = tuple(workloads)
     seconds: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
@@ -150,10 +151,10 @@ def sampling_speed(
     if reference not in nets:
         raise ValueError(f"reference={reference!r} is not one of the nets {list(nets)}; name one of them or pass None.")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} is invalid: expected a positive int (sampler steps per timed sample).")
+        raise UsageError(f"steps={steps!r} is invalid: expected a positive int (sampler steps per timed sample).")
     sampler_steps = steps if sampler_steps is None else sampler_steps
     if isinstance(sampler_steps, bool) or not isinstance(sampler_steps, int) or sampler_steps < 1:
-        raise ValueError(f"sampler_steps={sampler_steps!r} is invalid: expected a positive int (the steps of the "
+        raise UsageError(f"sampler_steps={sampler_steps!r} is invalid: expected a positive int (the steps of the "
                          "sampler whose samples per second to report), or None for `steps`.")
     objective.check_sampler_options({"steps": steps, **sampler_options})
     devices = {str(next(net.parameters()).device) for net in nets.values()}

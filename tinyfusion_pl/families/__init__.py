@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.families.base import BlockStreams, ModelFamily
 from tinyfusion_pl.families.diffusers import (
     DiffusersDiTFamily,
@@ -46,7 +47,7 @@ def family_of(net: nn.Module) -> ModelFamily:
     if family is not None:
         return family
     known = ", ".join(f"{family.name} ({family.class_name})" for family in FAMILIES)
-    raise ValueError(
+    raise UsageError(
         f"no model family describes {type(net).__name__}; known families: {known}. Describe it with a "
         "ModelFamily subclass (tinyfusion_pl/families/) and add it to tinyfusion_pl.families.FAMILIES."
     )

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.families.base import BlockStreams, ModelFamily
 from tinyfusion_pl.io import atomic_folder
 from tinyfusion_pl.models.checkpoints import load_dit_state_dict
@@ -164,7 +165,7 @@ class DiTTransformerFamily(DiffusersTransformerFamily):
             return
         blocks, first = net.transformer_blocks, min(kept_blocks)
         if not same_weights(blocks[0].norm1.emb, blocks[first].norm1.emb):
-            raise ValueError(
+            raise UsageError(
                 f"kept_blocks={sorted(kept_blocks)} drops block 0 of this DiTTransformer2DModel, but its output "
                 "layer is conditioned on the timestep/label embedder inside block 0 (transformer_blocks.0.norm1.emb), "
                 f"and block {first}, which would become block 0, holds a different one: the exported model would "
@@ -195,7 +196,7 @@ class SD3TransformerFamily(DiffusersTransformerFamily):
     def check_kept_blocks(self, net: nn.Module, kept_blocks: Sequence[int]) -> None:
         last = len(net.transformer_blocks) - 1
         if kept_blocks and last not in kept_blocks:
-            raise ValueError(
+            raise UsageError(
                 f"kept_blocks={sorted(kept_blocks)} drops block {last}, the last block of this SD3Transformer2DModel. "
                 "It is context-pre-only (it updates the image tokens only and has no text-token output layers), and "
                 "from_pretrained builds the last block of any depth that way: an export ending on another block "

@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from tinyfusion_pl.errors import CheckpointError, MissingInputError
 from tinyfusion_pl.models.dit import DiT, DiT_models, build_dit
 from tinyfusion_pl.models.sit import SiT, SiT_models, build_sit
 
@@ -41,7 +43,7 @@ _DATA_KWARGS = ("input_size", "in_channels", "num_classes", "learn_sigma")
 _SHOWN_KEYS = 5
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(CheckpointError):
     """A state dict does not fit a model: lists missing/unexpected keys, shape mismatches and a fitting entry."""
 
 
@@ -76,8 +78,15 @@ def load_checkpoint_file(path: str | os.PathLike, weights_only: bool = True) -> 
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"checkpoint path={str(path)!r} does not exist or is not a file; pass the path of a .pt/.ckpt file."
+        )
+    with path.open("rb") as file:
+        is_pickle = file.read(1) == b"\x80"  # torch's legacy format; torch.save writes a zip archive
+    if not zipfile.is_zipfile(path) and not is_pickle:
+        raise CheckpointError(
+            f"could not read checkpoint {str(path)!r}: it is not a torch checkpoint or it is damaged (neither the zip "
+            "archive torch.save writes nor a legacy pickle; e.g. a download cut short). Write or download it again."
         )
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -85,16 +94,16 @@ def load_checkpoint_file(path: str | os.PathLike, weights_only: bool = True) -> 
     except pickle.UnpicklingError as error:
         if weights_only and "weights only" in str(error).lower():
             first_line = str(error).strip().splitlines()[0]
-            raise RuntimeError(
+            raise CheckpointError(
                 f"checkpoint {str(path)!r} holds objects other than tensors and plain containers, which "
                 f"weights-only loading refuses ({first_line}). If you trust the file, load it with "
                 "load_checkpoint_file(path, weights_only=False) and pass the result on."
             ) from error
-        raise RuntimeError(
+        raise CheckpointError(
             f"could not read checkpoint {str(path)!r}: it is not a torch checkpoint or it is damaged ({error})."
         ) from error
     except Exception as error:  # a damaged file fails deep inside the unpickler with many error types
-        raise RuntimeError(
+        raise CheckpointError(
             f"could not read checkpoint {str(path)!r}: it is not a torch checkpoint or it is damaged ({error})."
         ) from error
 
@@ -110,7 +119,7 @@ def extract_state_dict(obj: Any, prefer: str = "ema") -> dict[str, torch.Tensor]
             f"prefer={prefer!r} is not allowed: use 'ema' (EMA weights) or 'model' (raw weights)."
         )
     if not isinstance(obj, Mapping) or not obj:
-        raise ValueError(
+        raise CheckpointError(
             f"expected a state dict or a checkpoint dict but got {_describe(obj)}; pass what torch.load "
             "returned for a DiT checkpoint (a state dict, {'model', 'ema', ...}, or a Lightning checkpoint)."
         )
@@ -120,7 +129,7 @@ def extract_state_dict(obj: Any, prefer: str = "ema") -> dict[str, torch.Tensor]
         return _from_lightning_state_dict(obj["state_dict"], prefer)
     if any(isinstance(obj.get(key), Mapping) for key in ("model", "ema")):
         return _from_reference_dict(obj, prefer)
-    raise ValueError(
+    raise CheckpointError(
         f"unknown checkpoint layout with top-level keys {_preview(list(obj))}; expected a plain state dict, "
         "the reference code's {'model': ..., 'ema': ...}, or a Lightning checkpoint with 'state_dict'."
     )
@@ -151,7 +160,7 @@ def _from_lightning_state_dict(state_dict: Mapping[str, Any], prefer: str) -> di
     chosen = prefer if candidates[prefer] else other
     if not candidates[chosen]:
         prefixes = sorted({key.split(".", 1)[0] + "." for key in state_dict})
-        raise ValueError(
+        raise CheckpointError(
             "Lightning checkpoint has no denoiser weights: expected keys starting with 'net.' or "
             f"'ema.module.' in its state_dict, found the prefixes {_preview(prefixes)}."
         )
@@ -190,7 +199,7 @@ def infer_dit_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """
     missing = [key for key in _REQUIRED_DIT_KEYS if key not in state_dict]
     if missing:
-        raise ValueError(
+        raise CheckpointError(
             f"cannot read a DiT config: the state dict lacks {', '.join(missing)}; its keys start with "
             f"{_preview(_natural_sorted(state_dict))}. Is it a DiT state dict (see extract_state_dict)?"
         )
@@ -198,20 +207,20 @@ def infer_dit_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     num_tokens = state_dict["pos_embed"].shape[1]  # (1, T, D)
     grid_size = math.isqrt(num_tokens)
     if grid_size * grid_size != num_tokens:
-        raise ValueError(
+        raise CheckpointError(
             f"pos_embed has {num_tokens} tokens, not a square patch grid; a DiT has a square grid."
         )
 
     block_indices = sorted({int(key.split(".")[1]) for key in state_dict if re.match(r"blocks\.\d+\.", key)})
     if block_indices != list(range(len(block_indices))):
-        raise ValueError(
+        raise CheckpointError(
             f"block indices {_preview(block_indices, limit=30)} are not 0..{len(block_indices) - 1}: the "
             "blocks were removed without renumbering. Renumber the kept blocks 0..K-1 (prune_blocks does)."
         )
 
     out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch_size * patch_size)
     if out_channels not in (in_channels, 2 * in_channels):
-        raise ValueError(
+        raise CheckpointError(
             f"final_layer.linear predicts {out_channels} channels per pixel for {in_channels} input channels; "
             "a DiT predicts in_channels (learn_sigma=False) or 2 * in_channels (learn_sigma=True)."
         )
@@ -316,6 +325,10 @@ def _mismatch_message(
         lines.append(f"  unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
     if mismatched:
         lines.append(f"  shape mismatches ({len(mismatched)}): {_preview(mismatched)}")
+    if any(".lora_" in key or ".base_layer." in key for key in unexpected):
+        lines.append("It holds LoRA adapters: it is a checkpoint saved during a pruning run (stage=prune), not a "
+                     "model. Load the model that run exported instead: prune/pruned.pt (decision.json names it).")
+        return "\n".join(lines)
     try:
         config = infer_dit_config(state_dict)
     except ValueError as error:

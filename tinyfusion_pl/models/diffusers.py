@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from tinyfusion_pl.errors import MissingInputError, UsageError
+
 EXTRA_HINT = 'install the diffusers extra: pip install -e ".[diffusers]"'
 
 
@@ -93,7 +95,7 @@ class DiffusersDenoiser(nn.Module):
     def depth_config(cls, model_class: type[nn.Module], config: dict[str, Any], depth: int) -> dict[str, Any]:
         """The config keywords that give the model `depth` blocks in all: diffusers' `num_layers`."""
         if "num_layers" in config and config["num_layers"] != depth:
-            raise ValueError(f"depth={depth} and num_layers={config['num_layers']} disagree; give one of them.")
+            raise UsageError(f"depth={depth} and num_layers={config['num_layers']} disagree; give one of them.")
         return {"num_layers": depth}
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
@@ -167,7 +169,7 @@ class DiffusersDiT(DiffusersDenoiser):
 def check_class_dropout(class_dropout_prob: float) -> float:
     if isinstance(class_dropout_prob, bool) or not isinstance(class_dropout_prob, (int, float)) \
             or not 0 <= class_dropout_prob < 1:
-        raise ValueError(f"class_dropout_prob={class_dropout_prob!r} must be a number in [0, 1), the probability "
+        raise UsageError(f"class_dropout_prob={class_dropout_prob!r} must be a number in [0, 1), the probability "
                          "of training a sample without its label (classifier-free guidance; DiT uses 0.1).")
     return float(class_dropout_prob)
 
@@ -233,10 +235,10 @@ class CaptionTable(nn.Module):
     def load(cls, path: str | os.PathLike) -> CaptionTable:
         """A table of precomputed text embeddings from `path` (CAPTIONS_FORMAT)."""
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"captions={path} is not a file; give {CAPTIONS_FORMAT}.")
+            raise MissingInputError(f"captions={path} is not a file; give {CAPTIONS_FORMAT}.")
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(saved, dict) or not torch.is_tensor(saved.get("encoder_hidden_states")):
-            raise ValueError(f"captions={path} holds no 'encoder_hidden_states' tensor; give {CAPTIONS_FORMAT}.")
+            raise UsageError(f"captions={path} holds no 'encoder_hidden_states' tensor; give {CAPTIONS_FORMAT}.")
         hidden = saved["encoder_hidden_states"]
         pooled, mask = saved.get("pooled_projections"), saved.get("encoder_attention_mask")
         rows = hidden.shape[0]
@@ -248,7 +250,7 @@ class CaptionTable(nn.Module):
         if mask is not None and tuple(mask.shape) != tuple(hidden.shape[:2]):
             problems.append(f"'encoder_attention_mask' has shape {tuple(mask.shape)}, not {tuple(hidden.shape[:2])}")
         if problems:
-            raise ValueError(f"captions={path}: {'; '.join(problems)}. Give {CAPTIONS_FORMAT}.")
+            raise UsageError(f"captions={path}: {'; '.join(problems)}. Give {CAPTIONS_FORMAT}.")
         return cls(hidden, pooled, mask)
 
     def forward(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -282,7 +284,7 @@ class TextConditionedDenoiser(DiffusersDenoiser):
         text_width = model.config[self.text_width_key]
         pooled_width = None if self.pooled_width_key is None else model.config[self.pooled_width_key]
         if captions is None:
-            raise ValueError(
+            raise UsageError(
                 f"{self.diffusers_class} is text-conditioned: give model.captions=<file> with the text embeddings of "
                 f"one prompt per class ({CAPTIONS_FORMAT}; width {text_width}"
                 + (f", pooled width {pooled_width}" if pooled_width else "")
@@ -290,7 +292,7 @@ class TextConditionedDenoiser(DiffusersDenoiser):
             )
         if str(captions) == "random":
             if num_classes is None:
-                raise ValueError("captions=random needs num_classes, the number of labels to draw captions for.")
+                raise UsageError("captions=random needs num_classes, the number of labels to draw captions for.")
             self.table = CaptionTable.random(num_classes, self.caption_tokens, text_width, pooled_width,
                                              self.caption_seed)
         else:
@@ -312,7 +314,7 @@ class TextConditionedDenoiser(DiffusersDenoiser):
             problems.append(f"its pooled projections are {table.pooled_projections.shape[-1]} wide, the model's "
                             f"{self.pooled_width_key} is {pooled_width}")
         if problems:
-            raise ValueError(f"captions={path} does not fit this {self.diffusers_class}: {'; '.join(problems)}.")
+            raise UsageError(f"captions={path} does not fit this {self.diffusers_class}: {'; '.join(problems)}.")
 
     @property
     def num_classes(self) -> int:
@@ -397,7 +399,7 @@ class DiffusersFlux(TextConditionedDenoiser):
     def __init__(self, model: nn.Module, sample_size: int = 64, guidance: float = 3.5, **options: Any):
         super().__init__(model, **options)
         if model.config.in_channels % 4 or sample_size % 2:
-            raise ValueError(f"Flux packs 2x2 patches of the latent into tokens: in_channels="
+            raise UsageError(f"Flux packs 2x2 patches of the latent into tokens: in_channels="
                              f"{model.config.in_channels} must be 4 x the latent channels and sample_size="
                              f"{sample_size} even.")
         self.sample_size, self.guidance = int(sample_size), float(guidance)
@@ -416,7 +418,7 @@ class DiffusersFlux(TextConditionedDenoiser):
         double = config.get("num_layers", defaults["num_layers"].default)
         single = config.get("num_single_layers", defaults["num_single_layers"].default)
         if depth < 2:
-            raise ValueError(f"depth={depth}: Flux has two block lists; give at least 2 blocks.")
+            raise UsageError(f"depth={depth}: Flux has two block lists; give at least 2 blocks.")
         share = min(max(round(depth * double / (double + single)), 1), depth - 1)
         return {"num_layers": share, "num_single_layers": depth - share}
 
@@ -491,7 +493,7 @@ def build_diffusers(kind: str, pretrained: str | os.PathLike | None = None, dept
     weights are read.
     """
     if kind not in DIFFUSERS_DENOISERS:
-        raise ValueError(f"kind={kind!r} is not one of {sorted(DIFFUSERS_DENOISERS)}: the diffusers transformers that "
+        raise UsageError(f"kind={kind!r} is not one of {sorted(DIFFUSERS_DENOISERS)}: the diffusers transformers that "
                          "have an adapter to the project's call convention (tinyfusion_pl.models.diffusers).")
     adapter = DIFFUSERS_DENOISERS[kind]
     adapter_keywords = [name for cls in adapter.__mro__ if "__init__" in vars(cls) and issubclass(cls, DiffusersDenoiser)
@@ -510,7 +512,7 @@ def build_diffusers(kind: str, pretrained: str | os.PathLike | None = None, dept
         model = adapter.random_model(config)
     else:
         if not os.path.isdir(pretrained):
-            raise FileNotFoundError(f"pretrained={pretrained} is not a folder; pass a folder written by "
+            raise MissingInputError(f"pretrained={pretrained} is not a folder; pass a folder written by "
                                     f"{model_class.__name__}.save_pretrained (config.json and its weights).")
         _check_folder_config(model_class, pretrained, config)
         if torch.empty(0).is_meta:
@@ -527,7 +529,7 @@ def _config_keywords(model_class: type[nn.Module], options: dict[str, Any]) -> d
     valid = [name for name in parameters if name != "self"]
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"{unknown} are not config keywords of {model_class.__name__}; valid ones: {valid}.")
+        raise UsageError(f"{unknown} are not config keywords of {model_class.__name__}; valid ones: {valid}.")
     # Plain lists: diffusers writes the config as JSON (Hydra hands over its own list type).
     return {name: list(value) if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) else value
             for name, value in options.items()}
@@ -543,7 +545,7 @@ def _check_folder_config(model_class: type[nn.Module], folder: str | os.PathLike
     differing = [f"{key}: config.json {saved.get(key)!r}, model config {value!r}" for key, value in config.items()
                  if comparable(saved.get(key)) != comparable(value)]
     if differing:
-        raise ValueError(f"pretrained={folder} is not the model the config describes ({'; '.join(differing)}). "
+        raise UsageError(f"pretrained={folder} is not the model the config describes ({'; '.join(differing)}). "
                          "Set those keys to the folder's values, or leave them out of the model config.")
 
 
@@ -553,7 +555,7 @@ def _check_learn_sigma(model: nn.Module, learn_sigma: bool | None) -> None:
     in_channels = model.config.in_channels
     out_channels = model.config.out_channels or in_channels
     if (out_channels == 2 * in_channels) != learn_sigma:
-        raise ValueError(
+        raise UsageError(
             f"learn_sigma={learn_sigma} but the {type(model).__name__} has in_channels={in_channels} and "
             f"out_channels={out_channels}: a learned variance doubles the channels. Set model.learn_sigma="
             f"{out_channels == 2 * in_channels} (the objective reads it)."

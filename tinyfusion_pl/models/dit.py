@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.objectives.base import mix_guided_halves
 
 
@@ -379,7 +380,7 @@ def _validate_dit_arguments(**arguments: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"{name}={value!r} must be a positive int")
     if problems:
-        raise ValueError("invalid DiT arguments: " + "; ".join(problems) + ".")
+        raise UsageError("invalid DiT arguments: " + "; ".join(problems) + ".")
     if arguments["input_size"] % arguments["patch_size"]:
         problems.append(
             f"input_size={arguments['input_size']} must be divisible by patch_size={arguments['patch_size']}"
@@ -397,7 +398,7 @@ def _validate_dit_arguments(**arguments: Any) -> None:
     if not 0 <= arguments["class_dropout_prob"] < 1:
         problems.append(f"class_dropout_prob={arguments['class_dropout_prob']!r} must be in [0, 1)")
     if problems:
-        raise ValueError("invalid DiT arguments: " + "; ".join(problems) + ".")
+        raise UsageError("invalid DiT arguments: " + "; ".join(problems) + ".")
 
 
 #################################################################################
@@ -443,7 +444,7 @@ def registry_entry(
     clashes = sorted(set(_FIXED_BY_ENTRY) & set(overrides))
     if clashes:
         fixed = ", ".join(f"{key}={architecture[key]}" for key in _FIXED_BY_ENTRY)
-        raise ValueError(
+        raise UsageError(
             f"{name} fixes {', '.join(clashes)} ({fixed}); got "
             f"{', '.join(f'{key}={overrides[key]!r}' for key in clashes)}. "
             f"Build {model_class.__name__}(...) directly for another width, head count or patch size."
@@ -459,7 +460,7 @@ def build_from_registry(
 ) -> ModelT:
     """Build the entry `name` of a registry of model_class, or name the valid entries."""
     if name not in registry:
-        raise ValueError(
+        raise UsageError(
             f"unknown {model_class.__name__} model name={name!r}; valid names: {', '.join(registry)}. "
             f"Pick one of these, or build {model_class.__name__}(...) directly for a custom size."
         )

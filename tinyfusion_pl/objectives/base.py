@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from tinyfusion_pl.errors import UsageError
+
 Denoiser = Callable[..., torch.Tensor]
 
 # Keywords of `sample` that every objective takes and that are not the sampler's own options.
@@ -154,7 +156,7 @@ class DiffusionObjective(abc.ABC):
         """
         unknown = sorted(set(options) - set(self.sampler_option_names()))
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"{type(self).__name__} has no sampler option {', '.join(map(repr, unknown))}; its options are "
                 f"{list(self.sampler_option_names())}. Remove the option or set it to null (sampling.<name>=null)."
             )
@@ -209,16 +211,16 @@ def mix_guided_halves(
 
 def check_guidance_arguments(cfg_scale: float, null_label: int, guidance_channels: int | None) -> None:
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)):
-        raise ValueError(f"cfg_scale={cfg_scale!r} is invalid: expected a number (1.0 means no guidance).")
+        raise UsageError(f"cfg_scale={cfg_scale!r} is invalid: expected a number (1.0 means no guidance).")
     if isinstance(null_label, bool) or not isinstance(null_label, int) or null_label < 0:
-        raise ValueError(
+        raise UsageError(
             f"null_label={null_label!r} is invalid: expected a non-negative int, the model's unconditional "
             "class index (num_classes for DiT)."
         )
     if guidance_channels is not None and (
         isinstance(guidance_channels, bool) or not isinstance(guidance_channels, int) or guidance_channels < 1
     ):
-        raise ValueError(
+        raise UsageError(
             f"guidance_channels={guidance_channels!r} is invalid: expected a positive int or None "
             "(None guides all noise channels, 3 reproduces DiT's published numbers)."
         )

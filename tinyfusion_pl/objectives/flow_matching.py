@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.objectives.base import Denoiser, DiffusionObjective
 from tinyfusion_pl.objectives.gaussian_diffusion import _check_same_shape, _compute_dtype, mean_over_non_batch
 
@@ -282,9 +283,9 @@ def _is_number(value: Any) -> bool:
 def _validate_arguments(path: str, prediction: str) -> None:
     """Reject bad constructor arguments with one message each."""
     if path not in PATHS:
-        raise ValueError(f"path={path!r} is invalid: expected one of {PATHS} (SiT's default is 'linear').")
+        raise UsageError(f"path={path!r} is invalid: expected one of {PATHS} (SiT's default is 'linear').")
     if prediction not in PREDICTIONS:
-        raise ValueError(
+        raise UsageError(
             f"prediction={prediction!r} is invalid: expected one of {PREDICTIONS}; SiT's noise and score "
             "predictions are not implemented."
         )
@@ -296,28 +297,28 @@ def _validate_sampler_arguments(
 ) -> None:
     """Reject bad sampler options with one message each."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} is invalid: expected a positive int (uniform time intervals or model calls).")
+        raise UsageError(f"steps={steps!r} is invalid: expected a positive int (uniform time intervals or model calls).")
     if method not in SAMPLING_METHODS:
-        raise ValueError(f"method={method!r} is invalid: expected one of {SAMPLING_METHODS}.")
+        raise UsageError(f"method={method!r} is invalid: expected one of {SAMPLING_METHODS}.")
     if not _is_number(last_step_size) or not 0.0 <= last_step_size < 1.0:
-        raise ValueError(
+        raise UsageError(
             f"last_step_size={last_step_size!r} is invalid: expected a number in [0, 1) (SiT uses 0.04; 0 ends "
             "the SDE without the final mean step)."
         )
     if method == "sde" and last_step_size > 0 and steps < 2:
-        raise ValueError(
+        raise UsageError(
             f"steps={steps} is too few for method='sde' with last_step_size={last_step_size}: the sampler takes "
             "steps - 1 Euler-Maruyama steps and then the mean step. Use steps >= 2, or last_step_size=0."
         )
     if diffusion_form not in DIFFUSION_FORMS:
-        raise ValueError(f"diffusion_form={diffusion_form!r} is invalid: expected one of {DIFFUSION_FORMS}.")
+        raise UsageError(f"diffusion_form={diffusion_form!r} is invalid: expected one of {DIFFUSION_FORMS}.")
     if not _is_number(diffusion_norm) or diffusion_norm < 0:
-        raise ValueError(
+        raise UsageError(
             f"diffusion_norm={diffusion_norm!r} is invalid: expected a number >= 0 (0 turns the SDE into the ODE)."
         )
     for name, tolerance in (("atol", atol), ("rtol", rtol)):
         if not _is_number(tolerance) or tolerance <= 0:
-            raise ValueError(f"{name}={tolerance!r} is invalid: expected a positive number (SiT: atol=1e-6, rtol=1e-3).")
+            raise UsageError(f"{name}={tolerance!r} is invalid: expected a positive number (SiT: atol=1e-6, rtol=1e-3).")
 
 
 def _check_times(t: torch.Tensor, x: torch.Tensor) -> None:

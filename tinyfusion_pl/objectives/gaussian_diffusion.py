@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.objectives.base import Denoiser, DiffusionObjective
 from tinyfusion_pl.objectives.respacing import ddim_stride, respace_betas, space_timesteps
 
@@ -43,7 +44,7 @@ def make_betas(name: str, num_timesteps: int) -> torch.Tensor:
         betas = 1.0 - alpha_bar((steps + 1) / num_timesteps) / alpha_bar(steps / num_timesteps)
         # Capped below 1 so the last steps do not destroy the signal in one jump (improved DDPM's 0.999).
         return betas.clamp(max=0.999)
-    raise ValueError(f"beta_schedule={name!r} is invalid: expected one of {BETA_SCHEDULES}.")
+    raise UsageError(f"beta_schedule={name!r} is invalid: expected one of {BETA_SCHEDULES}.")
 
 
 def mean_over_non_batch(values: torch.Tensor) -> torch.Tensor:
@@ -386,14 +387,14 @@ class GaussianDiffusion(DiffusionObjective):
         """The process keeping `steps` of the original ones (cached): an int spaces evenly, a string or list
         follows space_timesteps. For DDIM an int N uses the "ddimN" stride when one exists."""
         if isinstance(steps, bool) or not isinstance(steps, (int, str, Sequence)):
-            raise ValueError(
+            raise UsageError(
                 f"steps={steps!r} is invalid: expected a positive int, a respacing string such as '250' or "
                 "'ddim25', or a list of section counts."
             )
         spacing: str | Sequence[int] = steps
         if isinstance(steps, int):
             if not 1 <= steps <= self.original_num_timesteps:
-                raise ValueError(
+                raise UsageError(
                     f"steps={steps} is invalid: expected an int in [1, {self.original_num_timesteps}] "
                     f"(the process has {self.original_num_timesteps} timesteps)."
                 )
@@ -455,11 +456,11 @@ class GaussianDiffusion(DiffusionObjective):
         """Refuse a method, eta or steps that `sample` cannot take (steps through the respacing it would build)."""
         method, eta, steps = options["method"], options["eta"], options["steps"]
         if method not in SAMPLING_METHODS:
-            raise ValueError(f"method={method!r} is invalid: expected one of {SAMPLING_METHODS}.")
+            raise UsageError(f"method={method!r} is invalid: expected one of {SAMPLING_METHODS}.")
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta={eta!r} is invalid: expected a number in [0, 1] (0 = deterministic DDIM).")
+            raise UsageError(f"eta={eta!r} is invalid: expected a number in [0, 1] (0 = deterministic DDIM).")
         if method == "ddpm" and eta != 0:
-            raise ValueError(
+            raise UsageError(
                 f"eta={eta!r} is only used by method='ddim'; DDPM samples with the model's variance. "
                 "Use eta=0.0 with method='ddpm', or method='ddim'."
             )
@@ -509,18 +510,18 @@ class GaussianDiffusion(DiffusionObjective):
 def _validate_arguments(num_timesteps: int, beta_schedule: str, learn_sigma: bool) -> None:
     """Reject bad constructor arguments with one message each."""
     if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
-        raise ValueError(f"num_timesteps={num_timesteps!r} is invalid: expected an int >= 2 (DiT uses 1000).")
+        raise UsageError(f"num_timesteps={num_timesteps!r} is invalid: expected an int >= 2 (DiT uses 1000).")
     if beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(f"beta_schedule={beta_schedule!r} is invalid: expected one of {BETA_SCHEDULES}.")
+        raise UsageError(f"beta_schedule={beta_schedule!r} is invalid: expected one of {BETA_SCHEDULES}.")
     # The linear schedule is scaled by 1000 / T, so its last beta is 20 / T and must stay below 1.
     if beta_schedule == "linear" and num_timesteps <= 20:
-        raise ValueError(
+        raise UsageError(
             f"num_timesteps={num_timesteps} is too small for beta_schedule='linear': its betas scale with "
             f"1000 / num_timesteps and would reach {20 / num_timesteps:g} >= 1. Use num_timesteps > 20, or "
             "train with 1000 steps and sample with fewer via steps=."
         )
     if not isinstance(learn_sigma, bool):
-        raise ValueError(f"learn_sigma={learn_sigma!r} is invalid: expected True or False.")
+        raise UsageError(f"learn_sigma={learn_sigma!r} is invalid: expected True or False.")
 
 
 def _kept_timesteps(num_timesteps: int, spacing: str | int | Sequence[int], argument: str) -> set[int]:
@@ -528,7 +529,7 @@ def _kept_timesteps(num_timesteps: int, spacing: str | int | Sequence[int], argu
     try:
         return space_timesteps(num_timesteps, spacing)
     except ValueError as error:
-        raise ValueError(f"{argument}={spacing!r} cannot be used: {error}") from error
+        raise UsageError(f"{argument}={spacing!r} cannot be used: {error}") from error
 
 
 def _check_timesteps(t: torch.Tensor, x: torch.Tensor) -> None:

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from tinyfusion_pl.errors import UsageError
+
 
 def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> set[int]:
     """Return the kept timesteps of a `num_timesteps` process for improved DDPM's `section_counts` spec.
@@ -16,7 +18,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     always including its first and last step.
     """
     if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
-        raise ValueError(f"num_timesteps={num_timesteps!r} is invalid: expected a positive int.")
+        raise UsageError(f"num_timesteps={num_timesteps!r} is invalid: expected a positive int.")
     if isinstance(section_counts, str) and section_counts.startswith("ddim"):
         return _ddim_timesteps(num_timesteps, section_counts)
     counts = _parse_section_counts(section_counts)
@@ -27,14 +29,14 @@ def _ddim_timesteps(num_timesteps: int, spec: str) -> set[int]:
     """Keep range(0, T, stride) for the stride giving exactly the requested number of steps."""
     desired = spec[len("ddim"):]
     if not desired.isdigit() or int(desired) < 1:
-        raise ValueError(
+        raise UsageError(
             f"section_counts={spec!r} is invalid: expected 'ddimN' with N a positive integer, e.g. 'ddim25'."
         )
     desired_count = int(desired)
     stride = ddim_stride(num_timesteps, desired_count)
     if stride is not None:
         return set(range(0, num_timesteps, stride))
-    raise ValueError(
+    raise UsageError(
         f"section_counts={spec!r} is impossible for num_timesteps={num_timesteps}: no integer stride gives "
         f"exactly {desired_count} steps of range(0, {num_timesteps}, stride). Use a plain count such as "
         f"'{desired_count}' (evenly spaced sections) or a ddim count that divides the process evenly."
@@ -53,22 +55,22 @@ def _parse_section_counts(section_counts: str | int | Sequence[int]) -> list[int
     """Turn "N", "a,b,c", N or [a, b, c] into a list of positive ints."""
     hint = "expected a positive int, a string like '250' or '10,15,20', a list of positive ints, or 'ddimN'"
     if isinstance(section_counts, bool):
-        raise ValueError(f"section_counts={section_counts!r} is invalid: {hint}.")
+        raise UsageError(f"section_counts={section_counts!r} is invalid: {hint}.")
     if isinstance(section_counts, int):
         counts = [section_counts]
     elif isinstance(section_counts, str):
         parts = [part.strip() for part in section_counts.split(",")]
         if not all(part.isdigit() for part in parts):
-            raise ValueError(f"section_counts={section_counts!r} is invalid: {hint}.")
+            raise UsageError(f"section_counts={section_counts!r} is invalid: {hint}.")
         counts = [int(part) for part in parts]
     elif isinstance(section_counts, Sequence) and all(
         isinstance(count, int) and not isinstance(count, bool) for count in section_counts
     ):
         counts = list(section_counts)
     else:
-        raise ValueError(f"section_counts={section_counts!r} is invalid: {hint}.")
+        raise UsageError(f"section_counts={section_counts!r} is invalid: {hint}.")
     if not counts or any(count < 1 for count in counts):
-        raise ValueError(f"section_counts={section_counts!r} is invalid: {hint}.")
+        raise UsageError(f"section_counts={section_counts!r} is invalid: {hint}.")
     return counts
 
 
@@ -81,7 +83,7 @@ def _sectioned_timesteps(num_timesteps: int, counts: list[int]) -> set[int]:
         # The first `remainder` sections take one extra step so the sections tile the whole process.
         size = base_size + (1 if section < remainder else 0)
         if count > size:
-            raise ValueError(
+            raise UsageError(
                 f"section_counts={counts} asks for {count} steps in section {section}, which only has "
                 f"{size} of the {num_timesteps} timesteps; use at most {size} steps there or fewer sections."
             )

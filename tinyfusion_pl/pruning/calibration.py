@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.objectives import DiffusionObjective, split_batch
 
 Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -21,7 +22,7 @@ Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
 def calibration_batches(datamodule: Any, count: int, seed: int = 0) -> list[Batch]:
     """The first `count` training batches under a fixed seed, as (x, cond) pairs kept in memory."""
     if count < 1:
-        raise ValueError(f"calibration_batches={count} must be >= 1.")
+        raise UsageError(f"calibration_batches={count} must be >= 1.")
     datamodule.setup("fit")
     batches = []
     with torch.random.fork_rng():

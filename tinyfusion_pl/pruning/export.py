@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.pruning.containers import BlockPaths, described_owners, resolve_block_sequence
 from tinyfusion_pl.pruning.lora import remove_lora
 
@@ -43,17 +44,17 @@ def check_kept_blocks(
     if len(indices) != len(entries):
         raise TypeError(f"{argument}={entries!r} holds entries that are not integers. {hint}")
     if not indices:
-        raise ValueError(f"{argument}=[] keeps nothing; keep at least one of the {depth} blocks. {hint}")
+        raise UsageError(f"{argument}=[] keeps nothing; keep at least one of the {depth} blocks. {hint}")
     container = f" in {blocks!r}" if blocks is not None else ""
     out_of_range = [index for index in indices if not 0 <= index < depth]
     if out_of_range:
-        raise ValueError(
+        raise UsageError(
             f"{argument}={indices} holds {out_of_range}, outside the model's {depth} blocks{container} "
             f"(valid indices: 0 to {depth - 1}; negative indices are not accepted). {hint}"
         )
     repeated = sorted({index for index in indices if indices.count(index) > 1})
     if repeated:
-        raise ValueError(f"{argument}={indices} lists {repeated} more than once; list each kept block once.")
+        raise UsageError(f"{argument}={indices} lists {repeated} more than once; list each kept block once.")
     return sorted(indices)
 
 

@@ -10,6 +10,8 @@ from fractions import Fraction
 
 import torch
 
+from tinyfusion_pl.errors import UsageError
+
 Group = tuple[int, int]  # (N kept, M in the group)
 
 # Each group holds one logit per option and draws one Gumbel score per option and sample; this bound keeps
@@ -64,13 +66,13 @@ def _divisors(number: int) -> list[int]:
 def _check_group(keep: int, size: int, where: str) -> None:
     """Raise if one [N, M] group is not 1 <= N <= M or has too many options."""
     if not (1 <= keep <= size):
-        raise ValueError(
+        raise UsageError(
             f"{where} keeps N={keep} of M={size} blocks per group; N must satisfy 1 <= N <= M "
             f"(valid patterns look like {_PATTERN_EXAMPLES})."
         )
     options = math.comb(size, keep)
     if options > MAX_OPTIONS_PER_GROUP:
-        raise ValueError(
+        raise UsageError(
             f"{where} gives C({size}, {keep}) = {options} options in one group, more than the "
             f"{MAX_OPTIONS_PER_GROUP} this learner supports. Use smaller groups (e.g. '7:14' or '2:4')."
         )
@@ -92,7 +94,7 @@ def _keep_count(keep_ratio: float, size: int) -> int | None:
 def check_keep_ratio(keep_ratio: object) -> float:
     """keep_ratio as a float; raise unless it is a number in (0, 1]."""
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
-        raise ValueError(
+        raise UsageError(
             f"keep_ratio={keep_ratio!r} must be a number in (0, 1], the fraction of blocks kept "
             "(e.g. 0.5 keeps half the depth)."
         )
@@ -107,7 +109,7 @@ def blocks_kept(keep_ratio: float, size: int, grouping: str) -> int:
     keep = _keep_count(keep_ratio, size)
     if keep is None:
         realisable = ", ".join(f"{k / size:.4g}" for k in range(1, size + 1))
-        raise ValueError(
+        raise UsageError(
             f"keep_ratio={keep_ratio!r} {grouping} would keep {keep_ratio * size:.4g} blocks per group, not a whole "
             f"number. {grouping[0].upper()}{grouping[1:]} the realisable keep ratios are {realisable}."
         )
@@ -142,17 +144,17 @@ class BlockPattern:
     ) -> BlockPattern:
         """Validate the user's pattern arguments; raise one ValueError that says what would be valid."""
         if pattern is not None and (keep_ratio is not None or group_size is not None):
-            raise ValueError(
+            raise UsageError(
                 f"pattern={pattern!r} and keep_ratio={keep_ratio!r}/group_size={group_size!r} were both given. "
                 "Give either pattern or keep_ratio (with an optional group_size), not both."
             )
         if pattern is None and keep_ratio is None:
             if group_size is not None:
-                raise ValueError(
+                raise UsageError(
                     f"group_size={group_size!r} was given without keep_ratio. Add keep_ratio "
                     "(e.g. keep_ratio=0.5, group_size=2 means '1:2') or pass pattern instead."
                 )
-            raise ValueError(
+            raise UsageError(
                 f"No pattern given. Pass pattern ({_PATTERN_EXAMPLES}) or keep_ratio "
                 "(e.g. keep_ratio=0.5 with an optional group_size)."
             )
@@ -165,14 +167,14 @@ class BlockPattern:
         if isinstance(pattern, str):
             pair = _parse_pair(pattern)
             if pair is None:
-                raise ValueError(
+                raise UsageError(
                     f"pattern={pattern!r} is not 'N:M' with two non-negative integers nor a list of [N, M] groups. "
                     f"Valid examples: {_PATTERN_EXAMPLES}."
                 )
             _check_group(*pair, where=f"pattern={pattern!r}")
             return cls(repeated=pair)
         if not isinstance(pattern, Sequence) or len(pattern) == 0:
-            raise ValueError(
+            raise UsageError(
                 f"pattern={pattern!r} is neither an 'N:M' string nor a non-empty list of [N, M] groups. "
                 f"Valid examples: {_PATTERN_EXAMPLES}."
             )
@@ -185,7 +187,7 @@ class BlockPattern:
                 keep, size = _as_int(item[0]), _as_int(item[1])
                 pair = None if keep is None or size is None else (keep, size)
             if pair is None:
-                raise ValueError(
+                raise UsageError(
                     f"pattern[{position}]={item!r} is not a group [N, M] of two integers. "
                     f"Valid examples: {_PATTERN_EXAMPLES}."
                 )
@@ -200,7 +202,7 @@ class BlockPattern:
             return cls(keep_ratio=ratio)
         size = _as_int(group_size)
         if size is None or size < 1:
-            raise ValueError(
+            raise UsageError(
                 f"group_size={group_size!r} must be a positive integer, the M of N:M (e.g. 4 for groups of 4)."
             )
         keep = blocks_kept(ratio, size, grouping=f"with group_size={size}")
@@ -226,7 +228,7 @@ class BlockPattern:
         if self.explicit is not None:
             covered = sum(size for _, size in self.explicit)
             if covered != depth:
-                raise ValueError(
+                raise UsageError(
                     f"pattern={self.describe()} covers {covered} blocks but the block container has {depth}. "
                     f"The group sizes M must add up to {depth} exactly; for equal groups, use 'N:M' with M "
                     f"one of {fitting_sizes}."
@@ -235,7 +237,7 @@ class BlockPattern:
         if self.repeated is not None:
             keep, size = self.repeated
             if depth % size:
-                raise ValueError(
+                raise UsageError(
                     f"pattern='{keep}:{size}' needs a depth that is a multiple of M={size}, but the block "
                     f"container has {depth} blocks. Use M among {fitting_sizes}, or an explicit list of "
                     f"[N, M] groups whose M add up to {depth}."
@@ -247,7 +249,7 @@ class BlockPattern:
         ratio = self.keep_ratio
         if self.group_size is not None:
             if depth % self.group_size:
-                raise ValueError(
+                raise UsageError(
                     f"group_size={self.group_size} does not divide the depth {depth}. "
                     f"Use a group_size among {', '.join(str(d) for d in _divisors(depth))}."
                 )
@@ -263,7 +265,7 @@ class BlockPattern:
              if math.comb(size, k) <= MAX_OPTIONS_PER_GROUP}
         )
         listing = ", ".join(f"{float(fraction):.4g}" for fraction in realisable)
-        raise ValueError(
+        raise UsageError(
             f"keep_ratio={ratio!r} cannot be realised on {depth} blocks with equal groups. "
             f"Realisable keep ratios on {depth} blocks: {listing}."
         )

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.objectives import DiffusionObjective
 from tinyfusion_pl.pruning.block_hooks import BlockMaskHooks, StreamsArgument, block_calls, sequence_streams
 from tinyfusion_pl.pruning.calibration import Batch, calibration_loss, calibration_losses
@@ -80,7 +81,7 @@ def check_required_blocks(groups: Sequence[Group], required_blocks: Sequence[int
         if len(required_blocks) else []
     problem = required_blocks_problem(groups, required)
     if problem is not None:
-        raise ValueError(f"required_blocks={required}: {problem}.")
+        raise UsageError(f"required_blocks={required}: {problem}.")
     return required
 
 
@@ -103,7 +104,7 @@ def check_keeps_required(kept_blocks: Sequence[int], required_blocks: Sequence[i
     """Refuse a fixed list of kept blocks (`source` says where it comes from) that drops a required block."""
     dropped = sorted(set(required_blocks) - set(kept_blocks))
     if dropped:
-        raise ValueError(
+        raise UsageError(
             f"{source} drops blocks {dropped}, which the model's family requires (required_blocks="
             f"{sorted(required_blocks)}: every exportable decision keeps them, and prune_blocks would refuse this "
             f"one). {fix}"
@@ -254,7 +255,7 @@ def by_index(
     keeping every one of `required_blocks`."""
     kept = check_kept_blocks(kept_blocks, depth, blocks=None, argument="kept_blocks")
     if num_keep is not None and len(kept) != num_keep:
-        raise ValueError(
+        raise UsageError(
             f"kept_blocks={kept} keeps {len(kept)} blocks but num_keep={num_keep}: list exactly {num_keep} "
             "blocks, or set num_keep=null to accept any count."
         )
@@ -270,7 +271,7 @@ def bk_sdm_blocks(depth: int) -> list[int]:
     For DiT-XL's 28 blocks this is 0, 2, ..., 12, 15, 17, ..., 27, the oracle of the TinyFusion paper.
     """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 4 or depth % 4:
-        raise ValueError(
+        raise UsageError(
             f"depth={depth!r}: the BK-SDM oracle pairs the blocks of each half, so it needs a depth that is a "
             "multiple of 4 (28 for DiT-XL). Pass kept_blocks=[...] explicitly for this model."
         )

@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn as nn
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl import distributed
 from tinyfusion_pl.callbacks.random_state import RandomStateCheckpoint
+from tinyfusion_pl.errors import MissingInputError, UsageError, find_usage_error
 from tinyfusion_pl.families import ModelFamily, family_of
 from tinyfusion_pl.io import (
     atomic_path,
@@ -37,6 +39,7 @@ from tinyfusion_pl.io import (
     write_atomically,
 )
 from tinyfusion_pl.loggers import describe_offline_runs, log_images, wandb_loggers
+from tinyfusion_pl.models.checkpoints import CheckpointMismatchError
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.objectives import DiffusionObjective
 
@@ -52,10 +55,17 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
     """The folder of one stage inside the run folder (created), rid of the temporaries a killed run left there."""
     path = Path(cfg.paths.run_dir) / stage
     path.mkdir(parents=True, exist_ok=True)
+    clear_strays(cfg, stage)
+    return path
+
+
+def clear_strays(cfg: DictConfig, stage: str) -> None:
+    """Remove the temporaries a killed run left in a stage's folder, creating nothing: stages call it first, so
+    strays go even when a check then refuses the run."""
     if distributed.global_rank() == 0:  # the only rank that writes: another could take its temporaries for strays
+        path = Path(cfg.paths.run_dir) / stage
         remove_stray_temporaries(path)
         remove_stray_temporaries(path.parent, recursive=False)  # the run folder's own files (report.md, metrics.json)
-    return path
 
 
 def start_processes(cfg: DictConfig) -> None:
@@ -69,13 +79,13 @@ def start_processes(cfg: DictConfig) -> None:
     target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
     if "fsdp_strategy" in target or target.endswith("FSDPStrategy") or target == "fsdp":
         if trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
-            raise ValueError(
+            raise UsageError(
                 "trainer=fsdp (Lightning's FSDPStrategy) needs CUDA GPUs, and this machine has none. On CPUs shard "
                 "with trainer=fsdp2 trainer.accelerator=cpu (FSDP2 over gloo), or replicate with trainer=ddp "
                 "trainer.accelerator=cpu."
             )
     if "spawn" in target or "notebook" in target:
-        raise ValueError(f"trainer.strategy={target} starts its processes inside trainer.fit, but every stage "
+        raise UsageError(f"trainer.strategy={target} starts its processes inside trainer.fit, but every stage "
                          "of train.py runs on every rank: use trainer.strategy=ddp.")
     name_the_sweep_folder()
     processes = distributed.start_processes(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"),
@@ -200,7 +210,7 @@ def resume_checkpoint(cfg: DictConfig, stage: str, option: str, inputs: dict[str
         candidates = sorted((path for path in folder.glob("*.ckpt") if not path.name.startswith(".")),
                             key=lambda path: (path.name == "last.ckpt", path.stat().st_mtime), reverse=True)
         if not candidates:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{option}=auto found no checkpoint in {folder}. `auto` resumes the run in the folder this run writes "
                 "to, so pass that run's folder: hydra.run.dir=<the run folder> (e.g. outputs/prune/2026-01-01_12-00-00); "
                 f"or pass {option}=/path/to/<run>/{stage}/{CHECKPOINT_FOLDER}/last.ckpt, or drop {option} to start at "
@@ -210,20 +220,20 @@ def resume_checkpoint(cfg: DictConfig, stage: str, option: str, inputs: dict[str
     else:
         path = Path(value)
         if not path.exists():
-            raise FileNotFoundError(f"{option}={path} does not exist. Pass a checkpoint from <run>/{stage}/"
+            raise MissingInputError(f"{option}={path} does not exist. Pass a checkpoint from <run>/{stage}/"
                                     f"{CHECKPOINT_FOLDER}/ (last.ckpt), or {option}=auto with hydra.run.dir=<the run folder>.")
     if path.is_dir():  # a sharded (FSDP) checkpoint: a folder that Lightning reads itself
         return str(path)
     record = checkpoint_record(path, option)
     if record is not None and record.get("stage") != stage:
-        raise ValueError(
+        raise UsageError(
             f"{option}={path} is a checkpoint of stage={record.get('stage')}, not of stage={stage}. Pass one from "
             f"<run>/{stage}/{CHECKPOINT_FOLDER}/, or {option}=auto with hydra.run.dir=<the run folder>."
         )
     recorded = (record or {}).get("inputs", {})
     changed = [name for name, digest in (inputs or {}).items() if name in recorded and recorded[name] != digest]
     if changed:
-        raise ValueError(
+        raise UsageError(
             f"{option}={path} was trained on other inputs than this run's: "
             + "; ".join(f"{name} was {recorded[name][:12]}..., is {inputs[name][:12]}... now" for name in changed)
             + f". Resume with the inputs the run started from, or drop {option} to start at step 0."
@@ -242,11 +252,11 @@ def checkpoint_record(path: Path, option: str) -> dict[str, Any] | None:
         except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - a truncated or foreign file fails in many ways
-        raise ValueError(f"{option}={path} cannot be read as a checkpoint ({type(error).__name__}: {error}). It may be "
+        raise UsageError(f"{option}={path} cannot be read as a checkpoint ({type(error).__name__}: {error}). It may be "
                          "cut short by a kill while it was written; pass another checkpoint, or drop "
                          f"{option} to start at step 0.") from error
     if not isinstance(checkpoint, dict) or not {"state_dict", "global_step"} <= set(checkpoint):
-        raise ValueError(f"{option}={path} is not a Lightning checkpoint (no state_dict/global_step): it takes the "
+        raise UsageError(f"{option}={path} is not a Lightning checkpoint (no state_dict/global_step): it takes the "
                          f".ckpt files in <run>/<stage>/{CHECKPOINT_FOLDER}/. To start from a model's weights instead, "
                          "use teacher.checkpoint or pretrain.module.init_checkpoint.")
     return checkpoint.get(CHECKPOINT_RECORD)
@@ -306,7 +316,7 @@ def model_blueprint(cfg: DictConfig, registry_name: str | None = None) -> nn.Mod
     overrides = {}
     if registry_name:
         if "name" not in cfg.model:
-            raise ValueError(f"teacher.name={registry_name} picks a registry entry, but model={cfg.model._target_} "
+            raise UsageError(f"teacher.name={registry_name} picks a registry entry, but model={cfg.model._target_} "
                              "is not built from a registry (no model.name). Leave teacher.name unset.")
         overrides["name"] = registry_name
     with torch.device("meta"):
@@ -320,7 +330,13 @@ def model_family(cfg: DictConfig) -> ModelFamily:
 def load_model(cfg: DictConfig, checkpoint: str | Path, registry_name: str | None = None) -> nn.Module:
     """The configured model with a checkpoint's weights at the checkpoint's own depth, loaded strictly (EMA first)."""
     blueprint = model_blueprint(cfg, registry_name)
-    return family_of(blueprint).load(checkpoint, like=blueprint)
+    try:
+        return family_of(blueprint).load(checkpoint, like=blueprint)
+    except CheckpointMismatchError as error:
+        raise CheckpointMismatchError(
+            f"{checkpoint}: {error}\nIn the config: set model.name to the entry that fits it (teacher.name for a "
+            f"teacher of another size than the model), or pass a checkpoint of {registry_name or model_title(cfg)}."
+        ) from error
 
 
 def model_title(cfg: DictConfig) -> str:
@@ -337,16 +353,16 @@ def cached_teacher_path(cfg: DictConfig) -> Path:
     return Path(cfg.paths.cache_dir) / "teachers" / key / "model.pt"
 
 
-def resolve_teacher_checkpoint(cfg: DictConfig) -> Path:
+def resolve_teacher_checkpoint(cfg: DictConfig, pretrain: bool = True) -> Path | None:
     """teacher.checkpoint when given; else this run's pretrain output; else the cache, pretraining on a miss.
 
     Pretraining on a miss happens only where the config allows it (`teacher.pretrain_if_missing`, set by the
-    embedded defaults): a real model needs a real checkpoint.
+    embedded defaults): a real model needs a real checkpoint. With pretrain=False, None stands for that pretraining.
     """
     if cfg.teacher.checkpoint:
         path = Path(cfg.teacher.checkpoint)
         if not path.exists():
-            raise FileNotFoundError(f"teacher.checkpoint={path} does not exist. Pass the path of a model checkpoint "
+            raise MissingInputError(f"teacher.checkpoint={path} does not exist. Pass the path of a model checkpoint "
                                     "(a file, or a save_pretrained folder for a diffusers model).")
         return path
     this_run = Path(cfg.paths.run_dir) / "pretrain" / "model.pt"
@@ -356,10 +372,12 @@ def resolve_teacher_checkpoint(cfg: DictConfig) -> Path:
     if cached.is_file():
         return cached
     if not cfg.teacher.get("pretrain_if_missing"):
-        raise ValueError(
+        raise UsageError(
             f"stage={cfg.stage} needs a teacher for model={model_title(cfg)}: pass teacher.checkpoint=/path/to/model.pt "
             "(e.g. DiT-XL-2-256x256.pt). Only the embedded digits defaults are pretrained automatically."
         )
+    if not pretrain:
+        return None
     run_pretrain(cfg)  # fills the cache
     return cached
 
@@ -367,6 +385,57 @@ def resolve_teacher_checkpoint(cfg: DictConfig) -> Path:
 def load_teacher(cfg: DictConfig) -> nn.Module:
     """The teacher of resolve_teacher_checkpoint, built as the configured model at its own depth (EMA weights)."""
     return load_model(cfg, resolve_teacher_checkpoint(cfg))
+
+
+def instantiate_group(cfg: DictConfig, group: str, **overrides: Any) -> Any:
+    """instantiate(cfg.<group>), with a mistake in the group's settings raised as a UsageError naming the group."""
+    try:
+        return instantiate(cfg[group], **overrides)
+    except InstantiationException as error:
+        raise group_error(error, group) from error
+
+
+def group_error(error: InstantiationException, group: str) -> UsageError:
+    """A UsageError for a group Hydra could not instantiate: its cause's message, or Hydra's for a wrong setting."""
+    cause = find_usage_error(error)
+    if cause is not None:
+        return type(cause)(f"{group}: {cause}")
+    reason = error.__cause__ or error
+    if isinstance(reason, TypeError):  # e.g. +model.dpeth=4: an argument the target does not take
+        return UsageError(f"{group}: {reason}. Remove the setting or correct its name (see conf/{group}/).")
+    return UsageError(f"{group} cannot be built: {reason}")
+
+
+def build_data(cfg: DictConfig) -> L.LightningDataModule:
+    """The `data` group's datamodule, checked against the configured model: sample shape, classes, a full batch.
+
+    Stages build it before loading or training anything, so data that cannot work stops the run at its start.
+    """
+    datamodule = instantiate_group(cfg, "data")
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    if len(loader) == 0:
+        raise UsageError(
+            f"data.batch_size={cfg.data.batch_size} is larger than the {len(loader.dataset)} training samples, so "
+            f"training would see no full batch. Lower data.batch_size to at most {len(loader.dataset)}."
+        )
+    blueprint = model_blueprint(cfg)
+    family = family_of(blueprint)
+    sample_shape, expected = tuple(loader.dataset[0][0].shape), tuple(family.sample_shape(blueprint))
+    if sample_shape != expected:
+        raise UsageError(
+            f"the data's samples have shape {sample_shape} (channels, height, width) but model={model_title(cfg)} "
+            f"takes {expected}. Configure the model for the data (model.in_channels, model.input_size) or pick data "
+            "that fits it (data.image_size for the digits)."
+        )
+    model_classes, data_classes = family.num_classes(blueprint), getattr(datamodule, "num_classes", None)
+    if model_classes is not None and data_classes is not None and data_classes > model_classes:
+        raise UsageError(
+            f"the data has {data_classes} classes but model={model_title(cfg)} has num_classes={model_classes}: "
+            f"labels {model_classes} to {data_classes - 1} have no row in its label table. Set "
+            f"model.num_classes={data_classes}, or data.num_classes to the data's own count."
+        )
+    return datamodule
 
 
 def build_module(cfg: DictConfig, stage_cfg: DictConfig, net: nn.Module | None = None) -> DiffusionModule:
@@ -385,7 +454,7 @@ def check_objective(cfg: DictConfig) -> None:
     own = model_family(cfg).own_objective
     objective_class = get_class(cfg.objective._target_)
     if own is not None and objective_class.config_name != own:
-        raise ValueError(f"model={model_title(cfg)} is trained and sampled only by its own objective, objective={own}; "
+        raise UsageError(f"model={model_title(cfg)} is trained and sampled only by its own objective, objective={own}; "
                          f"got {objective_class.__name__}. Pass objective={own} (or an experiment that sets it, "
                          "e.g. experiment=mar_digits).")
 
@@ -424,20 +493,21 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
 
     The checkpoint is also cached, so later stages and runs reuse it instead of retraining.
     """
-    folder = stage_dir(cfg, "pretrain")
+    clear_strays(cfg, "pretrain")
     resume_from = resume_checkpoint(cfg, "pretrain", "pretrain.resume_from")
+    datamodule = build_data(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
     module = build_module(cfg, cfg.pretrain)
     trainer = build_trainer(cfg, "pretrain", max_steps=cfg.pretrain.max_steps)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     if trainer.global_step == 0:  # an untrained teacher must never reach the cache that later runs reuse
-        raise ValueError(
+        raise UsageError(
             f"stage=pretrain trained 0 of pretrain.max_steps={cfg.pretrain.max_steps} steps: the training data gave "
             f"no full batch (data.batch_size={cfg.data.batch_size} is larger than the training split?). Lower "
             "data.batch_size; nothing was saved or cached."
         )
     gather_full_weights(module, lambda: instantiate(cfg.model))
+    folder = stage_dir(cfg, "pretrain")  # after every check: a refused run leaves no folder
     return distributed.on_rank_zero(save_pretrained_teacher, cfg, module, trainer, folder)
 
 
@@ -489,7 +559,7 @@ def judge(cfg: DictConfig) -> str | None:
     """evaluate.judge, checked: 'digits' (the digits classifier scores samples) or null (no classifier)."""
     name = cfg.evaluate.get("judge")
     if name not in JUDGES:
-        raise ValueError(f"evaluate.judge={name!r} is not one of {list(JUDGES)}: 'digits' for the digits data "
+        raise UsageError(f"evaluate.judge={name!r} is not one of {list(JUDGES)}: 'digits' for the digits data "
                          "(set by data=digits), null for any other data.")
     return name
 
@@ -513,10 +583,10 @@ def read_decision(prune_folder: Path) -> dict[str, Any]:
     try:
         decision = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} cannot be read ({error}). Run stage=prune again to rewrite it, or point "
+        raise UsageError(f"{path} cannot be read ({error}). Run stage=prune again to rewrite it, or point "
                          "recover.pruned / evaluate.pruned_checkpoint at another prune folder.") from error
     if not isinstance(decision, dict) or "kept_blocks" not in decision:
-        raise ValueError(f"{path} is not a pruning decision (no kept_blocks). Run stage=prune again to rewrite it.")
+        raise UsageError(f"{path} is not a pruning decision (no kept_blocks). Run stage=prune again to rewrite it.")
     return decision
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl import distributed
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.io import save_json, save_text, write_atomically
 from tinyfusion_pl.stages.common import resolve_teacher_checkpoint
 from tinyfusion_pl.stages.evaluate import check_settings, run_evaluate
@@ -95,7 +96,7 @@ def plot_calibration_against_fid(rows: list[dict[str, Any]], path: Path) -> Path
 def run_compare_selectors(cfg: DictConfig) -> dict[str, Any]:
     """Write comparison.md, comparison.csv, comparison.json and calibration_vs_fid.png in the run folder."""
     if not cfg.get("compare") or not cfg.compare.get("selectors"):
-        raise ValueError("stage=compare_selectors needs compare.selectors: use experiment=compare_selectors.")
+        raise UsageError("stage=compare_selectors needs compare.selectors: use experiment=compare_selectors.")
     check_settings(cfg)  # before the teacher and every selector's run
     run_dir = Path(cfg.paths.run_dir)
     teacher_cfg = OmegaConf.merge(cfg, {"paths": {"run_dir": str(run_dir / "teacher")},

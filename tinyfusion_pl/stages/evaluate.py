@@ -14,6 +14,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from tinyfusion_pl import distributed
 from tinyfusion_pl.data.digits import load_digits_tensors
+from tinyfusion_pl.errors import MissingInputError, UsageError
 from tinyfusion_pl.evaluation.digits_classifier import DigitsClassifier, load_or_train_digits_classifier
 from tinyfusion_pl.evaluation.fid import FIDScorer, digits_fid, inception_fid
 from tinyfusion_pl.evaluation.sampling import (
@@ -32,6 +33,7 @@ from tinyfusion_pl.families import family_of
 from tinyfusion_pl.io import check_output_set, save_json
 from tinyfusion_pl.stages.common import (
     check_objective,
+    clear_strays,
     judge,
     load_model,
     model_blueprint,
@@ -57,7 +59,7 @@ def selected_models(cfg: DictConfig) -> list[str]:
     models = list(cfg.evaluate.models) if OmegaConf.is_list(cfg.evaluate.models) else cfg.evaluate.models
     if not isinstance(models, list) or not models or any(name not in MODELS for name in models) \
             or len(set(models)) != len(models):
-        raise ValueError(f"evaluate.models={models} is invalid: expected a non-empty list from {list(MODELS)} "
+        raise UsageError(f"evaluate.models={models} is invalid: expected a non-empty list from {list(MODELS)} "
                          "without repeats, e.g. evaluate.models=[teacher,pruned].")
     return models
 
@@ -67,7 +69,7 @@ def pruned_checkpoint(cfg: DictConfig) -> Path:
     if cfg.evaluate.pruned_checkpoint:
         path = Path(cfg.evaluate.pruned_checkpoint)
         if not path.exists():
-            raise FileNotFoundError(f"evaluate.pruned_checkpoint={path} does not exist. Pass the path of a pruned "
+            raise MissingInputError(f"evaluate.pruned_checkpoint={path} does not exist. Pass the path of a pruned "
                                     "or recovered checkpoint (prune/pruned.pt or recover/model.pt of a run).")
         return path
     run_dir = Path(cfg.paths.run_dir)
@@ -80,7 +82,7 @@ def pruned_checkpoint(cfg: DictConfig) -> Path:
             check_output_set(run_dir / stage, stage, [name], f"Run stage={stage} again with hydra.run.dir={run_dir} "
                              f"({option}=auto continues a killed run), or pass evaluate.pruned_checkpoint=...")
             return run_dir / relative
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"evaluate.models includes 'pruned' but the run folder {run_dir} holds neither {' nor '.join(outputs)}. "
         "Run stage=prune (and stage=recover) with this paths.run_dir first, pass "
         "evaluate.pruned_checkpoint=/path/to/model.pt, or evaluate only the teacher: evaluate.models=[teacher]."
@@ -99,9 +101,9 @@ def checkpoints_to_evaluate(cfg: DictConfig) -> dict[str, Path]:
 def evaluation_device(cfg: DictConfig) -> torch.device:
     choice = cfg.evaluate.device
     if choice not in DEVICES:
-        raise ValueError(f"evaluate.device={choice!r} is not one of {DEVICES} (auto: cuda when available).")
+        raise UsageError(f"evaluate.device={choice!r} is not one of {DEVICES} (auto: cuda when available).")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("evaluate.device=cuda but no CUDA device is available; use evaluate.device=cpu or auto.")
+        raise UsageError("evaluate.device=cuda but no CUDA device is available; use evaluate.device=cpu or auto.")
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
@@ -115,6 +117,12 @@ def latent_decoder(cfg: DictConfig, device: torch.device) -> Decoder | None:
 def check_settings(cfg: DictConfig) -> None:
     """Fail on a bad evaluate setting before anything slow (loading models, pretraining a teacher) starts."""
     selected_models(cfg)
+    settings = cfg.evaluate
+    for key, value, least in (("num_samples", settings.num_samples, 1), ("batch_size", settings.batch_size, 1),
+                              ("speed.batch_size", settings.speed.batch_size, 1), ("speed.steps", settings.speed.steps, 1),
+                              ("speed.repeats", settings.speed.repeats, 1), ("speed.warmup", settings.speed.warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UsageError(f"evaluate.{key}={value!r} must be a whole number >= {least}.")
     evaluation_device(cfg)
     fid_mode(cfg)
     check_objective(cfg)
@@ -122,7 +130,7 @@ def check_settings(cfg: DictConfig) -> None:
     blueprint = model_blueprint(cfg)
     channels = family_of(blueprint).sample_shape(blueprint)[0]
     if not cfg.evaluate.vae and channels not in IMAGE_CHANNELS:
-        raise ValueError(
+        raise UsageError(
             f"model={cfg.model.get('name', cfg.model._target_)} samples {channels}-channel latents: evaluation needs "
             "images, so set evaluate.vae to a diffusers AutoencoderKL name or local folder "
             "(e.g. evaluate.vae=stabilityai/sd-vae-ft-ema; `pip install diffusers`)."
@@ -133,14 +141,19 @@ def fid_mode(cfg: DictConfig) -> str:
     """evaluate.fid resolved: auto is digits on the embedded default, inception with a reference .npz, else none."""
     mode, reference = cfg.evaluate.fid, cfg.evaluate.reference_npz
     if mode not in FID_MODES:
-        raise ValueError(f"evaluate.fid={mode!r} is not one of {FID_MODES}.")
+        raise UsageError(f"evaluate.fid={mode!r} is not one of {FID_MODES}.")
+    for key in ("reference_npz", "inception_weights"):
+        path = cfg.evaluate.get(key)
+        if path and not Path(path).is_file():
+            raise MissingInputError(f"evaluate.{key}={path} is not a file. Pass the path of an existing file, or "
+                                    f"leave evaluate.{key} unset (null).")
     if mode == "auto":
         return "digits" if judge(cfg) == "digits" else "inception" if reference else "none"
     if mode == "digits" and judge(cfg) != "digits":
-        raise ValueError(f"evaluate.fid=digits needs the digits data, not {cfg.data._target_}; "
+        raise UsageError(f"evaluate.fid=digits needs the digits data, not {cfg.data._target_}; "
                          "use evaluate.fid=inception with evaluate.reference_npz, or none.")
     if mode == "inception" and not reference:
-        raise ValueError("evaluate.fid=inception needs real images to compare with: set evaluate.reference_npz to an "
+        raise UsageError("evaluate.fid=inception needs real images to compare with: set evaluate.reference_npz to an "
                          ".npz of uint8 (N, H, W, 3) images under arr_0 (e.g. ADM's VIRTUAL_imagenet256_labeled.npz).")
     return mode
 
@@ -282,12 +295,13 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics.json holds one entry per model (see evaluate_nets) and, when both are evaluated, the pruned
     model's speedup and ideal_speedup over the teacher at the top level.
     """
+    clear_strays(cfg, "evaluate")
     check_settings(cfg)
-    folder = stage_dir(cfg, "evaluate")
     checkpoints = checkpoints_to_evaluate(cfg)
     # a teacher from another registry entry (teacher.name, e.g. a D14 teacher) is built as that entry
     nets = {name: load_model(cfg, path, cfg.teacher.get("name") if name == "teacher" else None)
             for name, path in checkpoints.items()}
+    folder = stage_dir(cfg, "evaluate")
     metrics = evaluate_nets(cfg, nets, folder, reference="teacher" if "teacher" in nets else None)
     for name, path in checkpoints.items():
         metrics[name]["checkpoint"] = str(path)

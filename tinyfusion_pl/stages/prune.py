@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from tinyfusion_pl import distributed
 from tinyfusion_pl.callbacks.block_mask import DifferentiableBlockMask
 from tinyfusion_pl.callbacks.weight_update import CoOptimizedWeightUpdate
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.families import family_of
 from tinyfusion_pl.io import begin_output_set, finish_output_set, save_json
 from tinyfusion_pl.loggers import log_images
@@ -31,7 +32,9 @@ from tinyfusion_pl.pruning.selectors import (
     sensitivity,
 )
 from tinyfusion_pl.stages.common import (
+    build_data,
     build_trainer,
+    clear_strays,
     finish_loggers,
     gather_full_weights,
     load_teacher,
@@ -119,30 +122,34 @@ def run_prune(cfg: DictConfig) -> dict[str, Any]:
     """Select the kept blocks of the teacher, export the shallow model; writes pruned.pt (in the family's own
     format) and decision.json."""
     if cfg.pruning.selector not in ("learnable", *BASELINE_SELECTORS):
-        raise ValueError(
+        raise UsageError(
             f"pruning.selector='{cfg.pruning.selector}' is not one of {['learnable', *BASELINE_SELECTORS]}. "
             "Pick it with the pruning group, e.g. pruning=bi_score."
         )
+    clear_strays(cfg, "prune")
     callbacks, resume_from = None, None
     if cfg.pruning.selector == "learnable":  # a bad pruning setting stops the run before the teacher is trained
         callbacks = learnable_callbacks(cfg, model_family(cfg).block_argument(prefix="net."))
         resume_from = resume_checkpoint(cfg, "prune", "pruning.resume_from")
     elif cfg.pruning.get("resume_from"):
-        raise ValueError(f"pruning.resume_from={cfg.pruning.resume_from}: pruning.selector={cfg.pruning.selector} "
+        raise UsageError(f"pruning.resume_from={cfg.pruning.resume_from}: pruning.selector={cfg.pruning.selector} "
                          "trains nothing, so there is nothing to resume. Drop pruning.resume_from.")
-    folder = stage_dir(cfg, "prune")
+    datamodule = build_data(cfg)
     teacher_path = resolve_teacher_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True)
     net = load_teacher(cfg)
-    datamodule = instantiate(cfg.data)
+    if callbacks is not None:  # the pattern against the teacher's depth, before the trainer writes anything
+        callbacks[0].pattern.groups_for_depth(sum(family_of(net).block_counts(net)))
     objective = instantiate(cfg.objective)
     batches = calibration_batches(datamodule, cfg.pruning.calibration_batches, seed=cfg.seed)
     if callbacks is not None:
-        decision, net = learnable_selection(cfg, net, datamodule, folder, callbacks, resume_from)
+        decision, net = learnable_selection(cfg, net, datamodule, stage_dir(cfg, "prune"), callbacks,
+                                            resume_from)
     else:
         decision = baseline_selection(cfg, net, objective, batches)
     # Every rank exports what rank zero exports: a decision that differs anywhere stops the run here.
     distributed.check_same_on_every_rank(decision["kept_blocks"], "The pruning decision (kept_blocks)")
+    folder = stage_dir(cfg, "prune")  # a baseline writes nothing before its decision is exported
     return distributed.on_rank_zero(export_decision, cfg, net, decision, objective, batches, folder, teacher_path,
                                     learned=callbacks is not None)
 

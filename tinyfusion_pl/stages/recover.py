@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl import distributed
 from tinyfusion_pl.distill import DistillationModule, layer_pairing
+from tinyfusion_pl.errors import MissingInputError, UsageError
 from tinyfusion_pl.families import family_of
 from tinyfusion_pl.io import (
     begin_output_set,
@@ -24,8 +26,10 @@ from tinyfusion_pl.io import (
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.pruning.calibration import calibration_batches, calibration_loss
 from tinyfusion_pl.stages.common import (
+    build_data,
     build_trainer,
     checkpoint_payload,
+    clear_strays,
     finish_loggers,
     gather_full_weights,
     judge_samples,
@@ -53,12 +57,12 @@ def pruned_folder(cfg: DictConfig) -> Path:
     manifest = check_output_set(folder, "prune", ["decision.json"], fix)
     missing = [name for name in (pruned_checkpoint_name(folder), "decision.json") if not (folder / name).exists()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"recover.pruned={folder} lacks {', '.join(missing)}. Run stage=prune in this run folder first, or pass "
             "recover.pruned=/path/to/<run>/prune (the folder stage=prune wrote)."
         )
     if manifest is not None and pruned_checkpoint_name(folder) not in manifest["files"]:
-        raise ValueError(f"{folder}/decision.json names {pruned_checkpoint_name(folder)}, which its manifest.json "
+        raise UsageError(f"{folder}/decision.json names {pruned_checkpoint_name(folder)}, which its manifest.json "
                          f"does not list: the files come from different runs. {fix}")
     return folder
 
@@ -69,13 +73,13 @@ def recovery_teacher(cfg: DictConfig, decision: dict[str, Any]) -> tuple[nn.Modu
     Its depth is read from the checkpoint, so a shallow teacher (e.g. a recovered D14) needs no extra setting.
     """
     if cfg.teacher.name and not cfg.teacher.checkpoint:
-        raise ValueError(
+        raise UsageError(
             f"teacher.name={cfg.teacher.name} needs its weights: pass teacher.checkpoint=/path/to/model.pt as well."
         )
     path = Path(cfg.teacher.checkpoint or decision["teacher"])
     if not path.exists():
         source = "teacher.checkpoint" if cfg.teacher.checkpoint else "the pruning teacher in decision.json"
-        raise FileNotFoundError(f"{source}, {path}, does not exist. Pass teacher.checkpoint=/path/to/model.pt.")
+        raise MissingInputError(f"{source}, {path}, does not exist. Pass teacher.checkpoint=/path/to/model.pt.")
     return load_model(cfg, path, cfg.teacher.name), path
 
 
@@ -86,7 +90,7 @@ def build_recovery_module(
     distill, module_options = cfg.distill, OmegaConf.to_container(cfg.recover.module, resolve=True)
     objective = instantiate(cfg.objective)
     if distill.method not in DISTILL_METHODS:
-        raise ValueError(f"distill.method='{distill.method}' is not one of {DISTILL_METHODS}. Pass e.g. distill=kd.")
+        raise UsageError(f"distill.method='{distill.method}' is not one of {DISTILL_METHODS}. Pass e.g. distill=kd.")
     if distill.method == "none":
         return DiffusionModule(student, objective=objective, **module_options), None
     teacher, teacher_path = recovery_teacher(cfg, decision)
@@ -107,21 +111,41 @@ def build_recovery_module(
     return module, teacher_path
 
 
+def check_teacher_fits(module: DiffusionModule, batch: tuple[torch.Tensor, dict], cfg: DictConfig, teacher: Path) -> None:
+    """The distillation losses of two samples, untrained: a teacher whose outputs or paired hidden states do not
+    match the student's fails here, before the trainer writes anything (its own generator: no global RNG drawn)."""
+    if not isinstance(module, DistillationModule):
+        return
+    x, cond = batch
+    sample = x[:2] if "y" not in cond else (x[:2], cond["y"][:2])
+    try:
+        with torch.no_grad():
+            module.distillation_losses(sample, generator=torch.Generator().manual_seed(cfg.seed))
+    except ValueError as error:
+        raise UsageError(
+            f"the teacher {teacher} does not fit the pruned student for distill={cfg.distill.method}: {error} Distil "
+            "from a teacher of the student's architecture (teacher.checkpoint, teacher.name), or pass distill=kd "
+            "(outputs only) when only the hidden widths differ."
+        ) from error
+
+
 def run_recover(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune the pruned model of a prune folder; writes recover/model.pt ({'model','ema'}) and metrics.json."""
-    folder = stage_dir(cfg, "recover")
+    clear_strays(cfg, "recover")
     source = pruned_folder(cfg)
     # A resumed recovery must distil the pruned model it started with: its decision is recorded in the checkpoints.
     inputs = {"recover.pruned's decision.json (sha256)": file_digest(source / "decision.json")}
     resume_from = resume_checkpoint(cfg, "recover", "recover.resume_from", inputs)
-    L.seed_everything(cfg.seed, workers=True)
     decision = read_decision(source)
+    datamodule = build_data(cfg)
+    L.seed_everything(cfg.seed, workers=True)
     student = load_model(cfg, source / pruned_checkpoint_name(source))
-    datamodule = instantiate(cfg.data)
     objective = instantiate(cfg.objective)
     batches = calibration_batches(datamodule, cfg.recover.calibration_batches, seed=cfg.seed)
     loss_before = distributed.on_rank_zero(calibration_loss, student, objective, batches, seed=cfg.seed)
     module, teacher_path = build_recovery_module(cfg, student, decision)
+    check_teacher_fits(module, batches[0], cfg, teacher_path)
+    folder = stage_dir(cfg, "recover")  # after every check: a refused run leaves no folder behind
     trainer = build_trainer(cfg, "recover", max_steps=cfg.recover.max_steps, inputs=inputs)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     gather_full_weights(module, lambda: load_model(cfg, source / pruned_checkpoint_name(source)))

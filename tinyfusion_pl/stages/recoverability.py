@@ -23,6 +23,7 @@ import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.evaluation.recoverability import CSV_COLUMNS, choice_key, write_study_outputs
 from tinyfusion_pl.evaluation.sampling import (
     class_balanced_labels,
@@ -69,30 +70,30 @@ def study_settings(cfg: DictConfig) -> dict[str, Any]:
     """The recoverability and compare settings, checked: one error that names the setting and the fix."""
     settings = OmegaConf.to_container(cfg.get("recoverability") or {}, resolve=True)
     if not settings or not cfg.get("compare") or not cfg.compare.get("selectors"):
-        raise ValueError("stage=recoverability needs the recoverability and compare.selectors settings: use "
+        raise UsageError("stage=recoverability needs the recoverability and compare.selectors settings: use "
                          "experiment=recoverability.")
     for name in ("max_choices", "bootstrap", "num_shards"):
         value = settings.get(name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"recoverability.{name}={value!r} must be a positive integer.")
+            raise UsageError(f"recoverability.{name}={value!r} must be a positive integer.")
     shard = settings.get("shard")
     if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < settings["num_shards"]:
-        raise ValueError(f"recoverability.shard={shard!r} must be an integer in [0, recoverability.num_shards="
+        raise UsageError(f"recoverability.shard={shard!r} must be an integer in [0, recoverability.num_shards="
                          f"{settings['num_shards']}).")
     batches = settings.get("heldout_batches")
     if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
-        raise ValueError(f"recoverability.heldout_batches={batches!r} must be a positive integer, or null for the "
+        raise UsageError(f"recoverability.heldout_batches={batches!r} must be a positive integer, or null for the "
                          "whole validation split.")
     if not 0.0 < settings.get("level", 0.0) < 1.0:
-        raise ValueError(f"recoverability.level={settings.get('level')!r} must be in (0, 1), e.g. 0.95.")
+        raise UsageError(f"recoverability.level={settings.get('level')!r} must be in (0, 1), e.g. 0.95.")
     if settings["num_shards"] > 1 and not settings.get("study_dir"):
-        raise ValueError(f"recoverability.num_shards={settings['num_shards']} splits one study between jobs: set "
+        raise UsageError(f"recoverability.num_shards={settings['num_shards']} splits one study between jobs: set "
                          "recoverability.study_dir to the folder they share, e.g. recoverability.study_dir=outputs/study.")
     seeds = cfg.compare.get("seeds")
     seeds = [cfg.seed] if seeds is None else list(seeds)
     if not seeds or any(isinstance(seed, bool) or not isinstance(seed, int) for seed in seeds) \
             or len(set(seeds)) != len(seeds):
-        raise ValueError(f"compare.seeds={seeds} must be a non-empty list of distinct integers, e.g. compare.seeds=[0,1,2].")
+        raise UsageError(f"compare.seeds={seeds} must be a non-empty list of distinct integers, e.g. compare.seeds=[0,1,2].")
     settings["seeds"] = seeds
     settings["study_dir"] = Path(settings.get("study_dir") or cfg.paths.run_dir)
     return settings
@@ -141,9 +142,9 @@ def cached(path: Path, fingerprint: str) -> dict[str, Any] | None:
     try:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} cannot be read ({error}): delete it and run again to redo that piece.") from error
+        raise UsageError(f"{path} cannot be read ({error}): delete it and run again to redo that piece.") from error
     if record.get("settings") != fingerprint:
-        raise ValueError(
+        raise UsageError(
             f"{path} was made with other settings than this study's (seed, teacher, data, recovery, sampling or "
             "selector settings differ). Use a new recoverability.study_dir for these settings, or delete "
             f"{path.parent.parent} to redo that seed."
@@ -312,7 +313,7 @@ def run_recoverability(cfg: DictConfig) -> dict[str, Any]:
     check_settings(cfg)  # before any teacher is trained
     for name, changes in cfg.compare.selectors.items():
         if changes.get("selector") not in ("learnable", *BASELINE_SELECTORS):
-            raise ValueError(f"compare.selectors.{name}.selector={changes.get('selector')!r} is not a selector; "
+            raise UsageError(f"compare.selectors.{name}.selector={changes.get('selector')!r} is not a selector; "
                              "see conf/experiment/recoverability.yaml for the form.")
     choices, total, groups = ground_truth(cfg, settings)
     study_dir, shard, num_shards = settings["study_dir"], settings["shard"], settings["num_shards"]
