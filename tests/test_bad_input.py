@@ -255,9 +255,17 @@ def run_train(overrides: list[str], run_dir: Path, cache_dir: Path, **env: str) 
                           capture_output=True, text=True, timeout=300)
 
 
+# Each train.py process costs about 7 s of CPU (importing Lightning): three run in the default suite, the rest
+# with -m slow (every row is also checked through run_stage above, or by Hydra before train.py's code runs).
+DEFAULT_SUITE_ROWS = {"an unknown config group option", "unknown model name", "recover without prune"}
+
+
+def subprocess_marks(mistake: str) -> list[pytest.MarkDecorator]:
+    return ([NO_GPU] if mistake in GPU_ROWS else []) + ([] if mistake in DEFAULT_SUITE_ROWS else [pytest.mark.slow])
+
+
 @pytest.mark.parametrize("mistake,overrides,message",
-                         [pytest.param(*row, id=row[0], marks=[NO_GPU] if row[0] in GPU_ROWS else [])
-                          for row in SUBPROCESS_ROWS])
+                         [pytest.param(*row, id=row[0], marks=subprocess_marks(row[0])) for row in SUBPROCESS_ROWS])
 def test_train_py_shows_the_message_without_a_traceback(mistake, overrides, message, inputs, tmp_path):
     run_dir, cache_dir = tmp_path / "run", tmp_path / "cache"
     overrides = fill(overrides, inputs)
