@@ -4,6 +4,7 @@ A mistake in the settings, paths or files (a `tinyfusion_pl.UsageError`) is show
 status 1; `HYDRA_FULL_ERROR=1` shows its traceback too.
 """
 
+import logging
 import os
 import sys
 from typing import Any
@@ -18,6 +19,9 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     from tinyfusion_pl.errors import find_usage_error
     from tinyfusion_pl.stages import run_stage
 
+    # Lightning's package logger has its own console handler; imported after Hydra set up logging, its records
+    # would reach Hydra's console handler as well and show twice.
+    logging.getLogger("lightning").propagate = False
     try:
         return run_stage(cfg)
     except Exception as error:
