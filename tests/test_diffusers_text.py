@@ -185,8 +185,8 @@ def test_train_py_on_a_pretrained_text_model_without_captions_stops_with_the_for
     folder = write_pretrained_folder(tmp_path / "sd3", "sd3")
     result = subprocess.run(
         [sys.executable, "train.py", "model=diffusers_sd3", f"model.pretrained={folder}", "objective=flow_matching",
-         "sampling.clip_denoised=null", "stage=pretrain", f"hydra.run.dir={tmp_path / 'run'}", "logger=none",
-         f"paths.cache_dir={tmp_path / 'cache'}"],
+         "sampling.clip_denoised=null", "sampling.method=heun", "stage=pretrain", f"hydra.run.dir={tmp_path / 'run'}",
+         "logger=none", f"paths.cache_dir={tmp_path / 'cache'}"],
         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
