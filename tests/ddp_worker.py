@@ -22,6 +22,18 @@ def append_line(path: Path, text: str) -> int:
     return distributed.global_rank()
 
 
+def fid_case() -> tuple:
+    """A digits FID scorer with its reference set, and 30 samples: the same on every rank and in the test."""
+    torch.manual_seed(0)
+    classifier = DigitsClassifier(8).eval()
+    generator = torch.Generator().manual_seed(1)
+    reference = torch.randint(0, 256, (40, 8, 8, 1), dtype=torch.uint8, generator=generator)
+    samples = torch.randint(0, 200, (30, 8, 8, 1), dtype=torch.uint8, generator=generator)
+    scorer = digits_fid(classifier, 8)
+    scorer.set_reference(reference)
+    return scorer, samples
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     processes = distributed.start_processes("cpu", 2)
@@ -48,13 +60,7 @@ def main(out: Path) -> None:
     seen["gathered"] = distributed.gather_shares(torch.arange(start, stop)).tolist()
 
     # FID over the ranks' shares (torchmetrics' sync) against the whole reference set
-    torch.manual_seed(0)
-    classifier = DigitsClassifier(8).eval()
-    generator = torch.Generator().manual_seed(1)
-    reference = torch.randint(0, 256, (40, 8, 8, 1), dtype=torch.uint8, generator=generator)
-    samples = torch.randint(0, 200, (30, 8, 8, 1), dtype=torch.uint8, generator=generator)
-    scorer = digits_fid(classifier, 8)
-    scorer.set_reference(reference)
+    scorer, samples = fid_case()
     first, last = distributed.share(len(samples), 8)
     seen["fid"] = scorer.score(samples[first:last])
 

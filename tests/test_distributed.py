@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.ddp_worker import fid_case
 from tests.test_stage_prune import compose_run
-from tinyfusion_pl.evaluation.digits_classifier import DigitsClassifier
-from tinyfusion_pl.evaluation.fid import digits_fid
 from tinyfusion_pl.stages import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,13 +63,7 @@ def test_ranks_take_whole_units_and_gather_them_in_order(ranks):
 
 def test_fid_over_the_ranks_shares_is_the_fid_of_all_samples(ranks):
     _, seen = ranks
-    torch.manual_seed(0)
-    classifier = DigitsClassifier(8).eval()
-    generator = torch.Generator().manual_seed(1)
-    reference = torch.randint(0, 256, (40, 8, 8, 1), dtype=torch.uint8, generator=generator)
-    samples = torch.randint(0, 200, (30, 8, 8, 1), dtype=torch.uint8, generator=generator)
-    scorer = digits_fid(classifier, 8)
-    scorer.set_reference(reference)
+    scorer, samples = fid_case()
     expected = scorer.score(samples)
     assert seen[0]["fid"] == seen[1]["fid"] == pytest.approx(expected, rel=1e-5)
 
