@@ -139,6 +139,23 @@ def test_the_mask_gradient_is_the_block_residual():
     assert torch.allclose(mask.grad, (weights * residual).sum(dim=(1, 2)), atol=1e-5)
 
 
+def test_the_mixed_output_takes_the_block_outputs_memory_layout_not_a_transposed_inputs():
+    # A patch embedding hands the first block a transposed view; if the mixture kept that layout, every later
+    # block would get it too, and each LayerNorm would copy its input (forward and backward).
+    torch.manual_seed(2)
+    block = ConditionedBlock()
+    block.forward = lambda x, c: torch.tanh(block.fc(x) * block.modulation(c)[:, None]) + x  # the sum takes fc's layout
+    x = torch.randn(3, DIM, 5).transpose(1, 2)  # (B, T, D), not contiguous
+    c = torch.randn(3, DIM)
+    plain = block(x, c)
+    assert plain.is_contiguous() and not x.is_contiguous()
+    mask = torch.tensor([1.0, 0.0, 1.0])
+    BlockMaskHooks([block], lambda index, hidden, module: mask)
+    masked = block(x, c)
+    assert masked.is_contiguous()
+    assert torch.equal(masked[mask == 1], plain[mask == 1]) and torch.equal(masked[mask == 0], x[mask == 0])
+
+
 def test_every_block_of_a_container_gets_its_own_mask_column():
     torch.manual_seed(2)
     blocks = nn.ModuleList(ConditionedBlock() for _ in range(3))

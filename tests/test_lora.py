@@ -13,6 +13,7 @@ from tinyfusion_pl.pruning.lora import (
     SharedInputLoRA,
     SharedInputLoRAFunction,
     inject_lora,
+    merges_update,
     remove_lora,
     share_lora_inputs,
 )
@@ -75,17 +76,28 @@ def test_forward_is_base_plus_scaled_low_rank_update_in_float64():
     torch.testing.assert_close(wrapper(x), expected)
 
 
+def test_the_update_is_merged_into_the_weight_when_there_are_more_rows_than_it_saves():
+    # Adding s (x A^T) B^T costs a pass over the (rows, out) output and the (rows, in) input gradient; merging costs
+    # two passes over the (out, in) weight.
+    weight = torch.zeros(7, 5)
+    assert not merges_update(5, weight) and merges_update(6, weight)  # 5 * 12 = 60 < 70 < 6 * 12 = 72
+    assert not merges_update(10_000, weight.bfloat16()) and not merges_update(10_000, weight.half())
+    assert merges_update(6, weight.double())
+
+
+@pytest.mark.parametrize("rows", [1, 6], ids=["update-added", "update-merged"])
 @pytest.mark.parametrize("shared_input", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_function_gradients_match_finite_differences(shared_input, with_bias):
+def test_function_gradients_match_finite_differences(rows, shared_input, with_bias):
     generator = torch.Generator().manual_seed(0)
 
     def leaf(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
 
-    x, weight, lora_a, lora_b = leaf(2, 3, 5), leaf(7, 5), leaf(2, 5), leaf(7, 2)
+    x, weight, lora_a, lora_b = leaf(rows, 1, 5), leaf(7, 5), leaf(2, 5), leaf(7, 2)
+    assert merges_update(rows, weight) == (rows == 6)
     bias = leaf(7) if with_bias else None
-    lora_input = leaf(2, 3, 5)
+    lora_input = leaf(rows, 1, 5)
 
     def function(x, lora_input, weight, bias, lora_a, lora_b):
         return LoRALinearFunction.apply(x, x if shared_input else lora_input, weight, bias, lora_a, lora_b, 1.5)
@@ -385,14 +397,16 @@ def outputs_and_gradients(module, *inputs):
     return [output.detach() for output in outputs], gradients
 
 
-def test_shared_input_function_gradients_match_finite_differences():
+@pytest.mark.parametrize("rows", [1, 5, 6], ids=["none-merged", "first-merged", "both-merged"])
+def test_shared_input_function_gradients_match_finite_differences(rows):
     generator = torch.Generator().manual_seed(0)
 
     def leaf(*shape, requires_grad=True):
         return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_(requires_grad)
 
-    x = leaf(2, 3, 5)
+    x = leaf(rows, 1, 5)
     weights = [leaf(4, 5, requires_grad=False), leaf(6, 5, requires_grad=False)]
+    assert [merges_update(rows, weight) for weight in weights] == [rows >= 5, rows >= 6]
     biases = [leaf(4, requires_grad=False), leaf(6, requires_grad=False)]
     lora_as, lora_bs = [leaf(2, 5), leaf(3, 5)], [leaf(4, 2), leaf(6, 3)]  # ranks 2 and 3
 

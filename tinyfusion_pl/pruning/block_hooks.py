@@ -255,9 +255,12 @@ def masked_block_output(
         if value is None:
             mixed.append(None)
             continue
-        keep = mask.to(value.dtype).view(-1, *([1] * (value.dim() - 1)))  # (B, 1, ...)
+        drop = 1 - mask.to(value.dtype).view(-1, *([1] * (value.dim() - 1)))  # (B, 1, ...)
         # m * value + (1 - m) * x in one kernel (exactly value at m = 1, exactly x at m = 0), the same gradients.
-        mixed.append(torch.lerp(streams_in[source].to(value.dtype), value, keep))
+        # The block output comes first so the result takes its memory layout: an input that is a transposed view
+        # (a patch embedding's) would otherwise pass its strides on to every later block, and each LayerNorm
+        # would copy it to a contiguous tensor, forward and backward.
+        mixed.append(torch.lerp(value, streams_in[source].to(value.dtype), drop))
     return rebuild(mixed)
 
 

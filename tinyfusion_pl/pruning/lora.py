@@ -31,6 +31,27 @@ def check_lora_arguments(rank: int, alpha: float, dropout: float) -> None:
         raise ValueError("Invalid LoRA arguments: " + "; ".join(problems) + ".")
 
 
+def merges_update(rows: int, weight: torch.Tensor) -> bool:
+    """Whether x (W + s B A)^T costs less than x W^T + s (x A^T) B^T for x of `rows` rows.
+
+    The thin update product adds a pass over the output, and another over x's gradient in backward; W + s B A is
+    a pass over the weight, formed in forward and again in backward (it is not kept). Only in float32 and
+    float64: in half precision the small update would be rounded away against the weight's entries.
+    """
+    out_features, in_features = weight.shape
+    return weight.dtype in (torch.float32, torch.float64) and rows * (in_features + out_features) > 2 * weight.numel()
+
+
+def updated_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling * B A, a new tensor shaped like the weight."""
+    return torch.addmm(weight, lora_b, lora_a, alpha=scaling)
+
+
+def linear_output(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """inputs W^T + b for 2-d inputs, as a new tensor."""
+    return inputs @ weight.t() if bias is None else torch.addmm(bias, inputs, weight.t())
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """x W^T + b + scaling * x' A^T B^T (x' = dropout(x)), with forward and backward written out.
 
@@ -38,7 +59,9 @@ class LoRALinearFunction(torch.autograd.Function):
     and, for the thin rank side, in GEMM orientations that BLAS runs slowly: on CPU, B's gradient as
     G^T h takes ~20x longer than the same numbers as (h^T G)^T at rank 8. Here scaling is applied to
     the (M, rank) bottleneck, the update is added inside addmm, both input gradients go into one
-    tensor, and the base weight gets a gradient only if it requires one.
+    tensor, and the base weight gets a gradient only if it requires one. When the update reads x itself (no
+    dropout) and there are more rows than the weight has (see `merges_update`), x is multiplied by W + s B A,
+    formed for the step, instead of adding the thin update product to the output and to x's gradient.
     """
 
     @staticmethod
@@ -46,9 +69,13 @@ class LoRALinearFunction(torch.autograd.Function):
         inputs = x.reshape(-1, x.shape[-1])  # (M, in)
         lora_inputs = inputs if lora_input is x else lora_input.reshape(-1, x.shape[-1])  # (M, in)
         bottleneck = (lora_a @ lora_inputs.t()).t() * scaling  # (M, rank)
-        out = inputs @ weight.t() if bias is None else torch.addmm(bias, inputs, weight.t())  # (M, out)
-        out.addmm_(bottleneck, lora_b.t())  # (M, out)
+        merged = lora_input is x and merges_update(inputs.shape[0], weight)
+        if merged:
+            out = linear_output(inputs, updated_weight(weight, lora_a, lora_b, scaling), bias)  # (M, out)
+        else:
+            out = linear_output(inputs, weight, bias).addmm_(bottleneck, lora_b.t())  # (M, out)
         ctx.save_for_backward(inputs, lora_inputs, bottleneck, weight, lora_a, lora_b)
+        ctx.merged = merged
         ctx.shared_input = lora_input is x
         ctx.scaling = scaling
         ctx.input_shape = x.shape
@@ -62,7 +89,9 @@ class LoRALinearFunction(torch.autograd.Function):
         grad = grad_output.reshape(-1, grad_output.shape[-1])  # (M, out)
         grad_bottleneck = (lora_b.t() @ grad.t()).t() * ctx.scaling  # (M, rank): d loss / d (x' A^T)
         grad_x = grad_lora_input = None
-        if ctx.shared_input and needs_x:
+        if ctx.merged and needs_x:
+            grad_x = (grad @ updated_weight(weight, lora_a, lora_b, ctx.scaling)).view(ctx.input_shape)  # (..., in)
+        elif ctx.shared_input and needs_x:
             grad_x = (grad @ weight).addmm_(grad_bottleneck, lora_a).view(ctx.input_shape)  # (..., in)
         else:
             grad_x = (grad @ weight).view(ctx.input_shape) if needs_x else None
@@ -205,8 +234,8 @@ class SharedInputLoRAFunction(torch.autograd.Function):
     `scalings` holds each layer's alpha / rank s_i. Every layer keeps its own A and B and its own contiguous output;
     what is shared is one GEMM for the stacked A's in forward, and in backward one GEMM for the A gradients and
     one input gradient accumulated in place (x's gradient from n separate layers costs n - 1 more passes to sum,
-    and n thin products with A). The base weights are frozen (SharedInputLoRA falls back to separate layers
-    otherwise).
+    and n thin products with A). Layers with more rows than weight entries multiply by W_i + s_i B_i A_i instead
+    (`merges_update`). The base weights are frozen (SharedInputLoRA falls back to separate layers otherwise).
     """
 
     @staticmethod
@@ -221,13 +250,19 @@ class SharedInputLoRAFunction(torch.autograd.Function):
             dtype=x.dtype, device=x.device)
         bottleneck = (lora_a @ inputs.t()).t() * scaling  # (M, sum rank)
         bottlenecks = bottleneck.split(ranks, dim=1)  # n x (M, rank)
+        merged = [merges_update(inputs.shape[0], weight) for weight in weights]
         outputs = []
-        for weight, bias, lora_b, layer_bottleneck in zip(weights, biases, lora_bs, bottlenecks, strict=True):
-            out = inputs @ weight.t() if bias is None else torch.addmm(bias, inputs, weight.t())  # (M, out)
-            out.addmm_(layer_bottleneck, lora_b.t())
+        for weight, bias, layer_a, lora_b, layer_scaling, layer_bottleneck, layer_merged in zip(
+                weights, biases, lora_as, lora_bs, scalings, bottlenecks, merged, strict=True):
+            if layer_merged:
+                out = linear_output(inputs, updated_weight(weight, layer_a, lora_b, layer_scaling), bias)  # (M, out)
+            else:
+                out = linear_output(inputs, weight, bias).addmm_(layer_bottleneck, lora_b.t())  # (M, out)
             outputs.append(out.view(*x.shape[:-1], out.shape[-1]))  # (..., out)
-        ctx.save_for_backward(inputs, bottleneck, lora_a, *weights, *lora_bs)
+        ctx.save_for_backward(inputs, bottleneck, *lora_as, *weights, *lora_bs)
         ctx.scaling = scaling
+        ctx.scalings = scalings
+        ctx.merged = merged
         ctx.ranks = ranks
         ctx.input_shape = x.shape
         return tuple(outputs)
@@ -235,18 +270,27 @@ class SharedInputLoRAFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outputs):
-        inputs, bottleneck, lora_a, *rest = ctx.saved_tensors
-        count = len(rest) // 2
-        weights, lora_bs = rest[:count], rest[count:]
+        inputs, bottleneck, *rest = ctx.saved_tensors
+        count = len(rest) // 3
+        lora_as, weights, lora_bs = rest[:count], rest[count:2 * count], rest[2 * count:]
         grads = [g.reshape(-1, g.shape[-1]) for g in grad_outputs]  # n x (M, out)
         grad_bottleneck = torch.cat([(lora_b.t() @ grad.t()).t() for lora_b, grad in zip(lora_bs, grads, strict=True)],
                                     dim=1) * ctx.scaling  # (M, sum rank): d loss / d (x A^T)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grads[0] @ weights[0]  # (M, in)
-            for grad, weight in zip(grads[1:], weights[1:], strict=True):
+            # Merged layers multiply by W + s B A; the others by W, their updates joined in one thin product.
+            layer_weights = [updated_weight(weight, layer_a, lora_b, layer_scaling) if layer_merged else weight
+                             for weight, layer_a, lora_b, layer_scaling, layer_merged
+                             in zip(weights, lora_as, lora_bs, ctx.scalings, ctx.merged, strict=True)]
+            grad_x = grads[0] @ layer_weights[0]  # (M, in)
+            for grad, weight in zip(grads[1:], layer_weights[1:], strict=True):
                 grad_x.addmm_(grad, weight)
-            grad_x = grad_x.addmm_(grad_bottleneck, lora_a).view(ctx.input_shape)  # (..., in)
+            starts = [sum(ctx.ranks[:index]) for index in range(count)]
+            columns = [column for start, rank, layer_merged in zip(starts, ctx.ranks, ctx.merged, strict=True)
+                       if not layer_merged for column in range(start, start + rank)]
+            if columns:
+                grad_x.addmm_(grad_bottleneck[:, columns], torch.cat(lora_as)[columns])
+            grad_x = grad_x.view(ctx.input_shape)  # (..., in)
         grad_as = (grad_bottleneck.t() @ inputs).split(ctx.ranks)  # n x (rank, in)
         grad_bs = [(layer_bottleneck.t() @ grad).t()  # (out, rank)
                    for layer_bottleneck, grad in zip(bottleneck.split(ctx.ranks, dim=1), grads, strict=True)]
