@@ -11,9 +11,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import tiny_dit
 from tinyfusion_pl import distributed
+from tinyfusion_pl.callbacks import CoOptimizedWeightUpdate, DifferentiableBlockMask
+from tinyfusion_pl.data.digits import DigitsDataModule
 from tinyfusion_pl.evaluation.digits_classifier import DigitsClassifier
 from tinyfusion_pl.evaluation.fid import digits_fid
 from tinyfusion_pl.module import DiffusionModule
+from tinyfusion_pl.stages.common import fit
 
 
 def append_line(path: Path, text: str) -> int:
@@ -32,6 +35,28 @@ def fid_case() -> tuple:
     scorer = digits_fid(classifier, 8)
     scorer.set_reference(reference)
     return scorer, samples
+
+
+def data_parallel_pruning(devices: int, batch_size: int) -> dict:
+    """Four learnable-pruning steps (gates, LoRA, label dropout) on the digits with `devices` ranks of `batch_size`
+    samples each; what rank zero ends with: the gate logits, the trainable weights and the decision."""
+    L.seed_everything(0)
+    net = tiny_dit(depth=4, class_dropout_prob=0.3)
+    with torch.no_grad():  # DiT starts with its blocks as identities (adaLN-zero): give every weight a gradient
+        for parameter in net.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    module = DiffusionModule(net, ema_decay=None, lr=1e-3)
+    mask = DifferentiableBlockMask(blocks="net.blocks", pattern="1:2", plot=False)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=4,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=[mask, CoOptimizedWeightUpdate(method="lora")])
+    fit(trainer, module, DigitsDataModule(batch_size=batch_size))  # the stages' fit: from the seed's fresh state
+    return {
+        "gate_logits": [logits.detach().clone() for logits in mask.gates.gate_logits],
+        "trainable": {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad},
+        "kept_blocks": mask.kept_blocks,
+    }
 
 
 def main(out: Path) -> None:
@@ -77,6 +102,11 @@ def main(out: Path) -> None:
     seen["attempted_steps"] = module.attempted_steps
     seen["weights_sum"] = float(sum(p.double().sum() for p in module.net.parameters()))
     seen["weights_finite"] = all(bool(torch.isfinite(p).all()) for p in module.net.parameters())
+
+    # data-parallel pruning: two ranks of 8 samples, to compare with one process of 16 (the test runs that)
+    pruned = data_parallel_pruning(devices=2, batch_size=8)
+    if rank == 0:
+        torch.save(pruned, out / "pruned_two_ranks.pt")
 
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
 

@@ -6,7 +6,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from tinyfusion_pl.data import DigitsDataModule, LatentDataError, LatentsDataModule, load_digits_tensors
-from tinyfusion_pl.data.resumable import ResumableDataLoader
+from tinyfusion_pl.data.resumable import ResumableDataLoader, training_share
 
 
 def test_digits_are_scaled_to_unit_range_and_keep_labels():
@@ -149,6 +149,39 @@ def test_a_loader_restored_from_its_state_continues_with_the_next_batch_across_p
     resumed.load_state_dict(state)
     assert len(resumed) == 3
     assert seen + labels_of(take(resumed, 1) + take(resumed, 3)) == whole
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_ranks_take_shares_whose_kth_batches_make_one_processs_kth_batch_in_every_pass(replicas):
+    dataset = torch.utils.data.TensorDataset(torch.zeros(20, 1), torch.arange(20))
+    one = ResumableDataLoader(dataset, batch_size=2 * replicas, shuffle=True, drop_last=True, seed=5)
+    shares = [ResumableDataLoader(dataset, batch_size=2, shuffle=True, drop_last=True, seed=5, share=(replicas, rank))
+              for rank in range(replicas)]
+    assert all(isinstance(share.sampler, torch.utils.data.DistributedSampler) for share in shares)  # Lightning keeps it
+    assert all(len(share) == len(one) == 20 // (2 * replicas) for share in shares)
+    for _ in range(2):  # two passes
+        whole = [labels.tolist() for _, labels in take(one, len(one))]
+        dealt = [[labels.tolist() for _, labels in take(share, len(share))] for share in shares]
+        for step, batch in enumerate(whole):
+            # rank r's j-th sample is sample r + j * replicas of the global batch
+            assert [dealt[index % replicas][step][index // replicas] for index in range(len(batch))] == batch
+
+
+def test_a_rank_share_resumes_where_its_state_left_it():
+    dataset = torch.utils.data.TensorDataset(torch.zeros(12, 1), torch.arange(12))
+    whole = labels_of(take(ResumableDataLoader(dataset, batch_size=2, shuffle=True, seed=1, share=(2, 1)), 3))
+    interrupted = ResumableDataLoader(dataset, batch_size=2, shuffle=True, seed=1, share=(2, 1))
+    seen = labels_of(take(interrupted, 1))
+    resumed = ResumableDataLoader(dataset, batch_size=2, shuffle=True, share=(2, 1))
+    resumed.load_state_dict(interrupted.state_dict())
+    assert seen + labels_of(take(resumed, 2)) == whole
+
+
+def test_a_datamodule_outside_a_running_fit_deals_the_whole_order():
+    datamodule = DigitsDataModule(batch_size=16)
+    datamodule.setup()
+    assert training_share(datamodule.trainer) == (1, 0)
+    assert type(datamodule.train_dataloader().sampler).__name__ == "PassPermutation"
 
 
 def test_a_loader_with_a_sampler_from_outside_skips_the_batches_already_seen():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.ddp_worker import fid_case
+from tests.ddp_worker import data_parallel_pruning, fid_case
 from tests.test_stage_prune import compose_run
 from tinyfusion_pl.stages import run_stage
 
@@ -75,6 +75,25 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(ranks):
     assert seen[0]["weights_sum"] == seen[1]["weights_sum"]  # the ranks stepped together
 
 
+def test_pruning_on_two_ranks_learns_what_one_process_learns_from_the_global_batch(ranks):
+    # The loader deals one order out over the ranks and every draw (times, noise, label drops, gate masks) is
+    # made for the global batch, each rank taking its samples' rows: only float summation order differs.
+    out, _ = ranks
+    two_ranks = torch.load(out / "pruned_two_ranks.pt")
+    one_process = data_parallel_pruning(devices=1, batch_size=16)
+    half_batch = data_parallel_pruning(devices=1, batch_size=8)  # what one rank alone would learn
+
+    def largest_difference(run):
+        tensors = [*zip(run["gate_logits"], two_ranks["gate_logits"], strict=True),
+                   *((run["trainable"][name], two_ranks["trainable"][name]) for name in two_ranks["trainable"])]
+        return max(float((a - b).abs().max()) for a, b in tensors)
+
+    assert two_ranks["trainable"].keys() == one_process["trainable"].keys() and len(one_process["trainable"]) > 10
+    assert two_ranks["kept_blocks"] == one_process["kept_blocks"]
+    assert largest_difference(one_process) < 1e-5
+    assert largest_difference(half_batch) > 1e-4  # the comparison can tell another batch apart
+
+
 # --------------------------------------------------------------------------- train.py under trainer=ddp
 
 SMOKE_DDP = ["experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -120,6 +139,29 @@ def test_the_pipeline_under_ddp_writes_one_folder_once_and_evaluates_like_one_pr
             assert np.array_equal(ddp["arr_0"], one["arr_0"]) and np.array_equal(ddp["labels"], one["labels"])
         assert metrics[name]["fid"] == pytest.approx(alone[name]["fid"], rel=1e-5)
         assert metrics[name]["conditional_accuracy"] == pytest.approx(alone[name]["conditional_accuracy"])
+
+
+@pytest.mark.slow
+def test_a_ddp_prune_through_train_py_exports_what_one_process_with_the_global_batch_exports(tmp_path):
+    cache, runs = tmp_path / "cache", {}
+    for name, overrides in (("ddp", ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                                     "trainer.precision=32-true", "data.batch_size=32"]),
+                            ("one", ["data.batch_size=64"]), ("half", ["data.batch_size=32"])):
+        runs[name] = tmp_path / name
+        train(tmp_path, cache, "experiment=smoke", "stage=prune", "pruning.max_steps=20",
+              "trainer.enable_progress_bar=false", f"hydra.run.dir={runs[name]}", *overrides)
+
+    def exported(name):
+        decision = json.loads((runs[name] / "prune" / "decision.json").read_text())
+        weights = torch.load(runs[name] / "prune" / "pruned.pt", map_location="cpu")
+        return decision["kept_blocks"], decision["confidences"], weights  # confidences: the gates' softmax
+
+    ddp, one, half = exported("ddp"), exported("one"), exported("half")
+    assert ddp[0] == one[0]
+    np.testing.assert_allclose(ddp[1], one[1], atol=1e-5)
+    assert ddp[2].keys() == one[2].keys()
+    assert max(float((ddp[2][key] - one[2][key]).abs().max()) for key in ddp[2]) < 1e-5
+    assert not np.allclose(half[1], one[1], atol=1e-4)  # the comparison tells another batch apart
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")

@@ -22,7 +22,7 @@ from tinyfusion_pl.stages import run_stage
 
 SELECTORS = ('+compare.selectors={learnable: {selector: learnable, pattern: "1:2", keep_ratio: null, group_size: null},'
              ' frozen: {selector: learnable, pattern: "1:2", keep_ratio: null, group_size: null, weight_update: frozen},'
-             ' bi_score: {selector: bi_score, pattern: null, keep_ratio: 0.5, group_size: null, progress: false},'
+             ' bi_score: {selector: bi_score, pattern: "1:2", keep_ratio: null, group_size: null, progress: false},'
              ' oracle: {selector: oracle, kept_blocks: null}}')
 SHRUNK = ["experiment=recoverability", "data.batch_size=16", "pretrain.max_steps=4", "pruning.max_steps=4", "pruning.calibration_batches=1",
           "recover.max_steps=3", "recover.calibration_batches=1", "sampling.steps=2", "evaluate.num_samples=40",

@@ -70,6 +70,8 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters(ignore=["net", "objective"])
         self.net = net
         self.objective = objective if objective is not None else GaussianDiffusion()
+        self.family = find_family(net)
+        self.label_dropout = 0.0 if self.family is None else self.family.label_dropout(net)
         if init_checkpoint:
             load_weights(self.net, init_checkpoint, prefer=init_from)
         self.ema: AveragedModel | None = None
@@ -88,9 +90,39 @@ class DiffusionModule(L.LightningModule):
     def diffusion_terms(self, batch: Any, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The objective's per-sample loss terms on one batch, at random timesteps and noise (drawn from `generator`)."""
         x, cond = split_batch(batch)
-        t = self.objective.sample_timesteps(x.shape[0], x.device, generator=generator)
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        t, noise, cond = self.draws(x, cond, generator)
         return self.objective.training_losses(self.net, x, t, noise=noise, model_kwargs=cond, generator=generator)
+
+    def draws(
+        self, x: torch.Tensor, cond: dict[str, Any], generator: torch.Generator | None = None,
+        drop_labels: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Times, noise and classifier-free-guidance label drops for the samples x, conditioned by `cond`.
+
+        In data-parallel training they are drawn for the whole global batch on every rank, which takes its own
+        rows: rank r's j-th sample is sample r + j * replicas of the global batch, as the training loader deals
+        them out (ResumableDataLoader's share). A run on several ranks then draws what one process with the
+        global batch draws, and no two ranks share noise. Label drops (drop_labels; default: in data-parallel
+        training) are drawn here, once per sample, and passed the way the net's family takes them (DiT's
+        force_drop_ids); otherwise a net in training draws them itself, from the same generator right after the
+        noise (so one process draws the same either way).
+        """
+        replicas, rank = self.data_parallel_share() if self.training else (1, 0)
+        total = x.shape[0] * replicas
+        t = self.objective.sample_timesteps(total, x.device, generator=generator)[rank::replicas]
+        noise = torch.randn((total, *x.shape[1:]), device=x.device, dtype=x.dtype, generator=generator)[rank::replicas]
+        drop_labels = replicas > 1 if drop_labels is None else drop_labels
+        if drop_labels and self.label_dropout > 0 and "y" in cond and self.family.label_drop_argument is not None:
+            draws = torch.rand(total, device=x.device, generator=generator)[rank::replicas]
+            cond = {**cond, **self.family.condition(cond["y"], drop=(draws < self.label_dropout).long())}
+        return t, noise, cond
+
+    def data_parallel_share(self) -> tuple[int, int]:
+        """(replicas, rank) of this process in the data-parallel training it runs in; (1, 0) alone or unattached."""
+        if self._trainer is None:
+            return 1, 0
+        placement = self.trainer.distributed_sampler_kwargs  # None for a single device
+        return (1, 0) if not placement else (placement["num_replicas"], placement["rank"])
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         terms = self.diffusion_terms(batch)

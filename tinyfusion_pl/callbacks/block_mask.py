@@ -95,8 +95,8 @@ class DifferentiableBlockMask(Callback):
     ``configure_optimizers`` returns as an extra parameter group, and teardown removes every hook, so the
     model's parameters, state-dict keys and ``requires_grad`` flags are never changed. Under DDP the gates
     are outside the wrapped module, so the callback all-reduces (averages) their gradients before each step;
-    every rank draws its own Gumbel noise (more masks per step), and identical logits, updates and EMA give
-    the same decision on every rank by construction.
+    each rank takes its samples' rows of one Gumbel draw for the global batch (so several ranks draw what one
+    process with that batch draws), and identical logits, updates and EMA give the same decision on every rank.
 
         mask = DifferentiableBlockMask(blocks="net.blocks", pattern="2:4")
         trainer = L.Trainer(max_steps=10_000, callbacks=[mask, CoOptimizedWeightUpdate()])  # adapts mask's blocks
@@ -126,7 +126,7 @@ class DifferentiableBlockMask(Callback):
             owns the blocks gives (SD3, Flux), else one hidden state (``hidden_state``).
         total_steps: optimizer steps the schedules span; default ``trainer.estimated_stepping_batches``.
         seed: seed of the Gumbel noise; default ``torch.initial_seed()`` (the one ``L.seed_everything`` set).
-            Each draw is seeded from (seed, rank, draw count), so a resumed run draws the same noise.
+            Each draw is seeded from (seed, draw count), so a resumed run draws the same noise.
         plot: at the end of fit, write ``decision_dynamics.png`` in the run folder and log it as an image.
         log_every_n_steps: steps between logged metrics and decision-history records; default the Trainer's.
     """
@@ -204,7 +204,7 @@ class DifferentiableBlockMask(Callback):
         if fixed is not None:
             self.gates = BlockGates(fixed, self.init_logit)
         self._seed = seed
-        self._rank = 0
+        self._share = (1, 0)  # (replicas, rank)
         self._draws = 0
         self._progress = 0.0
         self._decision_changes: int | torch.Tensor = 0
@@ -310,7 +310,10 @@ class DifferentiableBlockMask(Callback):
         self._required_blocks = required
         if self._seed is None:
             self._seed = torch.initial_seed()
-        self._rank = trainer.global_rank
+        # This process's place among the data-parallel ranks: masks are drawn for the global batch, rows taken
+        # like the module's noise (DiffusionModule.draws), so ranks draw what one process with that batch draws.
+        placement = trainer.distributed_sampler_kwargs
+        self._share = (1, 0) if not placement else (placement["num_replicas"], placement["rank"])
         self._remove_hooks()
         self._hooks = BlockMaskHooks(sequence.blocks, self._mask_for_block, self.hidden_state,
                                      streams=sequence_streams(pl_module, sequence, self.streams))
@@ -473,12 +476,15 @@ class DifferentiableBlockMask(Callback):
         return self._kept_mask[index]
 
     def _draw_sample(self, batch_size: int) -> torch.Tensor:
-        """Hard per-sample masks (B, L) from noise that depends only on (seed, rank, draw count)."""
-        entropy = np.random.SeedSequence([self._seed, self._rank, self._draws]).generate_state(1, np.uint64)[0]
+        """Hard per-sample masks (B, L) from noise that depends only on (seed, draw count) and this rank's rows."""
+        # (seed, 0, draw count): the 0 keeps the noise of earlier runs, when it was the rank of one process.
+        entropy = np.random.SeedSequence([self._seed, 0, self._draws]).generate_state(1, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(entropy))
         self._draws += 1
         gates = self._ready_gates()
-        return gates.sample_masks(gates.draw_noise(batch_size, generator), self.current_scaling, self.current_tau)
+        replicas, rank = self._share
+        noise = [group[rank::replicas] for group in gates.draw_noise(batch_size * replicas, generator)]
+        return gates.sample_masks(noise, self.current_scaling, self.current_tau)
 
     def _add_gate_group(self, trainer: L.Trainer) -> None:
         """Add the gate logits as a parameter group of the first optimizer and teach its schedulers about it."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
-from tinyfusion_pl.data.resumable import ResumableDataLoader
+from tinyfusion_pl.data.resumable import ResumableDataLoader, training_share
 from tinyfusion_pl.errors import UsageError
 
 NUM_CLASSES = 10
@@ -74,9 +74,8 @@ class DigitsDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # drop_last keeps every step the same size: throughput logs and the gate schedules stay comparable
-        return ResumableDataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers
-        )
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                                   num_workers=self.num_workers, share=training_share(self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)

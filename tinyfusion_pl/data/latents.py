@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from tinyfusion_pl.data.digits import split_indices
-from tinyfusion_pl.data.resumable import ResumableDataLoader
+from tinyfusion_pl.data.resumable import ResumableDataLoader, training_share
 from tinyfusion_pl.errors import UsageError
 
 
@@ -139,7 +139,7 @@ class LatentsDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return ResumableDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
                                    num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                                   persistent_workers=self.num_workers > 0)
+                                   persistent_workers=self.num_workers > 0, share=training_share(self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)

@@ -17,7 +17,7 @@ from tinyfusion_pl.distill.losses import (
     masked_feature_mse,
 )
 from tinyfusion_pl.errors import UsageError
-from tinyfusion_pl.families import BlockStreams, find_family
+from tinyfusion_pl.families import BlockStreams
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.objectives import DiffusionObjective, split_batch
 from tinyfusion_pl.pruning.block_hooks import BlockCall, StreamsArgument, sequence_streams
@@ -123,7 +123,6 @@ class DistillationModule(DiffusionModule):
         self.save_hyperparameters(ignore=["net", "objective", "teacher", "streams"])
         self._check_arguments(kd_weight, gt_weight, feature_weight, sigma_k, feature_loss)
         self.teacher = teacher
-        self.family = find_family(net)
         if blocks is None and self.family is None:
             raise UsageError(f"no model family describes {type(net).__name__}: pass blocks='<path of its block list>'.")
         # Resolved on use, not stored: a stored ModuleList would become a submodule and duplicate the weights.
@@ -134,7 +133,6 @@ class DistillationModule(DiffusionModule):
             student_depth = len(resolve_block_sequence(self.net, self.blocks_path))
             teacher_depth = len(resolve_block_sequence(teacher.net, self.blocks_path))
             self.feature_pairs = check_pairs(feature_pairs, student_depth, teacher_depth, name="feature_pairs")
-        self.label_dropout = 0.0 if self.family is None else self.family.label_dropout(net)
         self._total_steps = 1
 
     def _check_arguments(
@@ -171,22 +169,13 @@ class DistillationModule(DiffusionModule):
             raise UsageError("invalid DistillationModule arguments: " + "; ".join(problems) + ".")
 
     # ------------------------------------------------------------------ losses
-    def label_drops(self, cond: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, Any]:
-        """`cond` plus label drops drawn once, so student and teacher drop exactly the same labels."""
-        if "y" not in cond or self.label_dropout <= 0:
-            return cond
-        labels = cond["y"]
-        draws = torch.rand(labels.shape, device=labels.device, generator=generator)
-        return {**cond, **self.family.condition(labels, drop=(draws < self.label_dropout).long())}
-
     def distillation_losses(
         self, batch: Any, feature_weight: float = 0.0, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Per-sample (N,) terms on one batch; "loss" = kd_weight * kd + gt_weight * gt + feature_weight * feat."""
         x, cond = split_batch(batch)
-        t = self.objective.sample_timesteps(x.shape[0], x.device, generator=generator)
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        cond = self.label_drops(cond, generator)
+        # Student and teacher see the same label drops (in validation too, like the training loss they measure).
+        t, noise, cond = self.draws(x, cond, generator, drop_labels=True)
         student_indices = [student for student, _ in self.feature_pairs]
         teacher_indices = [teacher for _, teacher in self.feature_pairs]
         with self.feature_capture(self.net, student_indices) as student_features, \

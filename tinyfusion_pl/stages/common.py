@@ -21,6 +21,7 @@ import torch.nn as nn
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
@@ -480,6 +481,15 @@ def gather_full_weights(module: DiffusionModule, fresh_net: Callable[[], nn.Modu
         setattr(owner, name, plain.to(module.device))
 
 
+def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule,
+        resume_from: str | None = None) -> None:
+    """trainer.fit from the seed's fresh random state, as Lightning's DDP starts every rank (it reseeds in its
+    setup): one process then draws what several draw, and a run with the global batch of a data-parallel run
+    trains on the same data, times and noise."""
+    reset_seed()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+
+
 def checkpoint_payload(module: DiffusionModule, cfg: DictConfig) -> dict[str, Any]:
     """The reference code's checkpoint layout ({'model', 'ema'}) plus the config that made it."""
     payload = {"model": module.net.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True)}
@@ -499,7 +509,7 @@ def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, cfg.pretrain)
     trainer = build_trainer(cfg, "pretrain", max_steps=cfg.pretrain.max_steps)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    fit(trainer, module, datamodule, resume_from)
     if trainer.global_step == 0:  # an untrained teacher must never reach the cache that later runs reuse
         raise UsageError(
             f"stage=pretrain trained 0 of pretrain.max_steps={cfg.pretrain.max_steps} steps: the training data gave "

@@ -36,6 +36,7 @@ from tinyfusion_pl.stages.common import (
     build_trainer,
     clear_strays,
     finish_loggers,
+    fit,
     gather_full_weights,
     load_teacher,
     model_family,
@@ -76,7 +77,7 @@ def learnable_selection(
         rank_zero_warn("trainer=fsdp2: the learnable prune writes no periodic checkpoints (Lightning's FSDP2 "
                        "optimizer state cannot hold the mask's gate logits, which live outside the sharded model).")
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoint)]
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    fit(trainer, module, datamodule, resume_from)
     gather_full_weights(module, lambda: load_teacher(cfg))  # sharded by trainer=fsdp2: whole weights again
 
     def plot_and_close() -> None:

@@ -31,6 +31,7 @@ from tinyfusion_pl.stages.common import (
     checkpoint_payload,
     clear_strays,
     finish_loggers,
+    fit,
     gather_full_weights,
     judge_samples,
     load_model,
@@ -147,7 +148,7 @@ def run_recover(cfg: DictConfig) -> dict[str, Any]:
     check_teacher_fits(module, batches[0], cfg, teacher_path)
     folder = stage_dir(cfg, "recover")  # after every check: a refused run leaves no folder behind
     trainer = build_trainer(cfg, "recover", max_steps=cfg.recover.max_steps, inputs=inputs)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    fit(trainer, module, datamodule, resume_from)
     gather_full_weights(module, lambda: load_model(cfg, source / pruned_checkpoint_name(source)))
     return distributed.on_rank_zero(save_recovered, cfg, module, trainer, folder, {
         "steps": trainer.global_step,
