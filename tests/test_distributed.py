@@ -193,6 +193,26 @@ def test_fsdp2_prunes_with_lora_on_two_ranks_and_exports_what_one_process_export
 
 
 @pytest.mark.slow
+def test_fsdp2_prunes_with_full_weight_updates_as_one_process_with_the_global_batch(tmp_path):
+    # weight_update=full: every sharded weight trains beside the whole gate logits (mixed trainable and frozen
+    # parameters: the embedders stay frozen); the gates must follow the trajectory of one process.
+    cache, runs = tmp_path / "cache", {}
+    for name, overrides in (("fsdp2", ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2",
+                                       "trainer.precision=32-true", "data.batch_size=32"]),
+                            ("one", ["data.batch_size=64"])):
+        runs[name] = tmp_path / name
+        train(tmp_path, cache, "experiment=smoke", "stage=prune", "pruning.weight_update=full",
+              "pruning.max_steps=20", "trainer.enable_progress_bar=false", f"hydra.run.dir={runs[name]}", *overrides)
+    sharded, alone = (json.loads((runs[name] / "prune" / "decision.json").read_text()) for name in ("fsdp2", "one"))
+    assert sharded["kept_blocks"] == alone["kept_blocks"]
+    np.testing.assert_allclose(sharded["confidences"], alone["confidences"], atol=1e-5)
+    assert [entry["chosen_options"] for entry in sharded["history"]] == \
+        [entry["chosen_options"] for entry in alone["history"]]
+    np.testing.assert_allclose([entry["confidences"] for entry in sharded["history"]],
+                               [entry["confidences"] for entry in alone["history"]], atol=1e-5)
+
+
+@pytest.mark.slow
 def test_a_sweep_under_ddp_keeps_one_folder_per_job_and_groups_its_wandb_runs(tmp_path):
     result = train(tmp_path, tmp_path / "cache", "-m", *SMOKE_DDP, "stage=prune", "pruning.keep_ratio=0.25,0.5")
     # Lightning re-runs `train.py -m ...` for rank 1, which runs the same jobs in step, in rank zero's sweep folder

@@ -131,3 +131,10 @@ def gather_shares(tensor: torch.Tensor | None) -> torch.Tensor | None:
         padded[: len(tensor)] = tensor.to(device)
     gathered = processes.all_gather(padded).cpu()  # (world size, longest share, ...)
     return torch.cat([gathered[rank, :count] for rank, count in enumerate(lengths)])
+
+
+def data_parallel_share(trainer: Any) -> tuple[int, int]:
+    """(replicas, rank): the place of this process among the data-parallel ranks of a Lightning `trainer`;
+    (1, 0) for None or a single device. Loaders deal out, and training steps draw, by it."""
+    placement = None if trainer is None else trainer.distributed_sampler_kwargs  # None for a single device
+    return (1, 0) if not placement else (placement["num_replicas"], placement["rank"])

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from tinyfusion_pl.distributed import data_parallel_share
 from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.evaluation.sampling import sample_images
 from tinyfusion_pl.families import find_family
@@ -107,7 +108,7 @@ class DiffusionModule(L.LightningModule):
         force_drop_ids); otherwise a net in training draws them itself, from the same generator right after the
         noise (so one process draws the same either way).
         """
-        replicas, rank = self.data_parallel_share() if self.training else (1, 0)
+        replicas, rank = data_parallel_share(self._trainer) if self.training else (1, 0)
         total = x.shape[0] * replicas
         t = self.objective.sample_timesteps(total, x.device, generator=generator)[rank::replicas]
         noise = torch.randn((total, *x.shape[1:]), device=x.device, dtype=x.dtype, generator=generator)[rank::replicas]
@@ -116,13 +117,6 @@ class DiffusionModule(L.LightningModule):
             draws = torch.rand(total, device=x.device, generator=generator)[rank::replicas]
             cond = {**cond, **self.family.condition(cond["y"], drop=(draws < self.label_dropout).long())}
         return t, noise, cond
-
-    def data_parallel_share(self) -> tuple[int, int]:
-        """(replicas, rank) of this process in the data-parallel training it runs in; (1, 0) alone or unattached."""
-        if self._trainer is None:
-            return 1, 0
-        placement = self.trainer.distributed_sampler_kwargs  # None for a single device
-        return (1, 0) if not placement else (placement["num_replicas"], placement["rank"])
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         terms = self.diffusion_terms(batch)

@@ -16,6 +16,7 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from tinyfusion_pl.distributed import data_parallel_share
 from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.io import save_json
 from tinyfusion_pl.pruning.block_hooks import (
@@ -312,8 +313,7 @@ class DifferentiableBlockMask(Callback):
             self._seed = torch.initial_seed()
         # This process's place among the data-parallel ranks: masks are drawn for the global batch, rows taken
         # like the module's noise (DiffusionModule.draws), so ranks draw what one process with that batch draws.
-        placement = trainer.distributed_sampler_kwargs
-        self._share = (1, 0) if not placement else (placement["num_replicas"], placement["rank"])
+        self._share = data_parallel_share(trainer)
         self._remove_hooks()
         self._hooks = BlockMaskHooks(sequence.blocks, self._mask_for_block, self.hidden_state,
                                      streams=sequence_streams(pl_module, sequence, self.streams))

@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from tinyfusion_pl.distributed import data_parallel_share
+
 
 def _derived_seed(*values: int) -> int:
     """A 63-bit seed that depends only on `values` (NumPy's SeedSequence mixing)."""
@@ -25,8 +27,7 @@ def training_share(trainer: L.Trainer | None) -> tuple[int, int]:
     """
     if trainer is None or trainer.state.fn != TrainerFn.FITTING or trainer.state.status != TrainerStatus.RUNNING:
         return 1, 0
-    placement = trainer.distributed_sampler_kwargs  # None for a single device
-    return (1, 0) if not placement else (placement["num_replicas"], placement["rank"])
+    return data_parallel_share(trainer)
 
 
 class PassPermutation(Sampler[int]):
