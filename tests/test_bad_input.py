@@ -14,14 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 from tests.conftest import tiny_dit
-from tests.test_configs import REPO
-from tests.test_stage_prune import compose_run
+from tests.test_configs import CONF, REPO
+from tests.test_stage_prune import TINY, compose_run
 from tinyfusion_pl import UsageError
 from tinyfusion_pl.models import build_dit
 from tinyfusion_pl.pruning.lora import inject_lora
 from tinyfusion_pl.stages import run_stage
+from tinyfusion_pl.stages.added_settings import check_added_settings
+from tinyfusion_pl.stages.checks import check_config
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the mistake is asking for a GPU this machine lacks")
 # Hydra's own record of a run (the composed config and its log): a refused run leaves nothing else.
@@ -224,10 +229,94 @@ def test_each_mistake_gets_one_message_with_the_fix_and_no_partial_output(mistak
     assert ",".join(sorted(contents(Path(inputs["pruned"])))) == inputs["pruned_files"]  # inputs untouched
 
 
+# --------------------------------------------------------------------------- keys added with +, in a Hydra job
+
+# Only a Hydra job knows which keys its command line added (HydraConfig's overrides.task): these rows run
+# run_stage inside a job's config, set as Hydra's run_job sets it.
+ADDED_ROWS = [
+    ("a misspelt key added with +", ["stage=prune", "+pruning.keep_ration=0.3"],
+     r"^\+pruning.keep_ration is not a setting of pruning \(did you mean pruning.keep_ratio\?\)\. Nothing reads it"),
+    ("a misspelt section added with +", ["stage=prune", "+prunning.keep_ratio=0.3"],
+     r"^\+prunning.keep_ratio is not a section of the config \(did you mean pruning\?\)"),
+    ("a misspelt Trainer argument added with +", ["stage=pretrain", "+trainer.detect_anomali=true"],
+     r"^\+trainer.detect_anomali is not a setting of trainer \(did you mean trainer.detect_anomaly\?\)"),
+    ("a misspelt module argument added with ++", ["stage=pretrain", "++pretrain.module.min_rl=1e-5"],
+     r"^\+\+pretrain.module.min_rl is not a setting of pretrain.module \(did you mean pretrain.module.min_lr\?\)"),
+]
+
+
+def compose_job(run_dir: Path, cache_dir: Path, *overrides: str):
+    """The config of a Hydra job started with `overrides`, as the task function sees it (hydra node removed)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True,
+                      overrides=[f"paths.run_dir={run_dir}", f"paths.cache_dir={cache_dir}", *TINY, *overrides])
+    return cfg
+
+
+@pytest.fixture
+def hydra_job():
+    """Run inside a Hydra job: set its HydraConfig as Hydra's run_job does, and clear it afterwards."""
+    def enter(cfg):
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+    yield enter
+    HydraConfig.instance().cfg = None
+
+
+@pytest.mark.parametrize("mistake,overrides,message", [pytest.param(*row, id=row[0]) for row in ADDED_ROWS])
+def test_a_key_added_with_plus_that_nothing_reads_is_refused_naming_the_closest(mistake, overrides, message, inputs,
+                                                                                tmp_path, hydra_job):
+    run_dir, cache_dir = tmp_path / "run", tmp_path / "cache"
+    cfg = hydra_job(compose_job(run_dir, cache_dir, f"teacher.checkpoint={inputs['teacher']}", *overrides))
+    with pytest.raises(UsageError, match=message):
+        run_stage(cfg)
+    assert contents(run_dir) == set() and contents(cache_dir) == set()
+
+
+# Every `+` that the README, the tests, conf/ comments and benchmarks use, and the kinds of key a user may add.
+LEGAL_ADDITIONS = [
+    ([], "+pruning.seed=3"),                          # a key of another option of the group (pruning=random)
+    ([], "++pruning.progress=false"),
+    ([], "+pruning.resume_from=auto"),
+    ([], "+model.mlp_ratio=2.0"),                     # DiT's constructor, through build_dit's **kwargs
+    (["model=mar_digits"], "++model.decoder_depth=2"),
+    (["model=diffusers_flux"], "+model.num_classes=10"),  # build_diffusers passes any option on
+    ([], "+trainer.detect_anomaly=true"),             # a Lightning Trainer argument
+    ([], "++trainer.check_val_every_n_epoch=2"),
+    ([], "+recover.module.kd_weight=0.5"),            # DistillationModule's, beside DiffusionModule's
+    ([], "+pretrain.module.betas=[0.9,0.99]"),
+    (["logger=csv"], "+logger.csv.version=3"),                  # CSVLogger's
+    (["callbacks=default"], "+callbacks.checkpoint.every_n_epochs=1"), # ModelCheckpoint's
+    ([], "+callbacks.crash._target_=tests.test_resume.CrashAfterStep"),  # a new callback
+    ([], "+callbacks.crash.step=3"),
+    ([], "+sampling.eta=0.5"),                        # a sampler option: the objective checks it
+    ([], "+compare.selectors={a: {selector: random}}"),
+]
+
+
+@pytest.mark.parametrize("before,addition", LEGAL_ADDITIONS, ids=[row[1] for row in LEGAL_ADDITIONS])
+def test_legitimate_additions_pass(before, addition, tmp_path):
+    cfg = compose_run(tmp_path / "run", tmp_path / "cache", *before, addition)
+    check_added_settings(cfg, [*before, addition])
+    # Hydra's own keys, and group options (Hydra checks those), are not this check's business
+    check_added_settings(cfg, [*before, addition, "+hydra.job.env_set.TOKEN=1", "hydra/launcher=joblib", "+data=digits"])
+
+
+def test_without_hydra_there_are_no_additions_to_check(tmp_path, inputs):
+    """run_stage from Python: the key is simply in the config, as in any other DictConfig, and the check passes."""
+    cfg = compose_run(tmp_path / "run", tmp_path / "cache", f"teacher.checkpoint={inputs['teacher']}",
+                      "stage=prune", "+pruning.keep_ration=0.3")
+    assert not HydraConfig.initialized()
+    check_config(cfg)  # what run_stage runs first
+
+
 def test_there_are_at_least_30_distinct_mistakes_and_the_readme_lists_each():
     readme = (REPO / "README.md").read_text()
-    assert len({row[0] for row in ROWS}) == len(ROWS) >= 30
-    missing = [row[0] for row in ROWS if f"| {row[0]} |" not in readme]
+    rows = ROWS + ADDED_ROWS
+    assert len({row[0] for row in rows}) == len(rows) >= 30
+    missing = [row[0] for row in rows if f"| {row[0]} |" not in readme]
     assert not missing, f"README's bad-input table lacks {missing}"
 
 
@@ -236,6 +325,8 @@ def test_there_are_at_least_30_distinct_mistakes_and_the_readme_lists_each():
 SUBPROCESS_ROWS = [
     ("an unknown config group option", ["model=dit_huge"], r"Could not find 'model/dit_huge'.*Available options"),
     ("a misspelt setting", ["pruning.keep_ration=0.3"], r"Key 'keep_ration' is not in struct"),
+    ("a misspelt key added with +", ["experiment=smoke", "+pruning.keep_ration=0.3"],
+     r"^Error: \+pruning.keep_ration is not a setting of pruning \(did you mean pruning.keep_ratio\?\)"),
     ("unknown model name", ["stage=prune", "model.name=DiT-Huge/2"], r"unknown DiT model name='DiT-Huge/2'"),
     ("recover without prune", ["stage=recover"], r"lacks pruned.pt, decision.json. Run stage=prune"),
     ("a corrupt checkpoint", ["stage=prune", "teacher.checkpoint={corrupt}"], r"could not read checkpoint"),
@@ -257,7 +348,8 @@ def run_train(overrides: list[str], run_dir: Path, cache_dir: Path, **env: str) 
 
 # Each train.py process costs about 7 s of CPU (importing Lightning): three run in the default suite, the rest
 # with -m slow (every row is also checked through run_stage above, or by Hydra before train.py's code runs).
-DEFAULT_SUITE_ROWS = {"an unknown config group option", "unknown model name", "recover without prune"}
+DEFAULT_SUITE_ROWS = {"an unknown config group option", "unknown model name", "recover without prune",
+                      "a misspelt key added with +"}
 
 
 def subprocess_marks(mistake: str) -> list[pytest.MarkDecorator]:

@@ -27,6 +27,7 @@ from omegaconf.errors import InterpolationResolutionError
 from tinyfusion_pl.errors import MissingInputError, UsageError
 from tinyfusion_pl.families import family_of
 from tinyfusion_pl.loggers import wandb_mode
+from tinyfusion_pl.stages.added_settings import check_added_settings, job_overrides
 from tinyfusion_pl.stages.common import (
     SAMPLING_SETTINGS,
     check_objective,
@@ -50,6 +51,7 @@ DISTILL_METHODS = ("none", "kd", "masked_kd")
 def check_config(cfg: DictConfig) -> None:
     """Raise a UsageError naming the fix for the first setting of `cfg` that cannot work for `cfg.stage`."""
     stage = cfg.stage
+    check_added_settings(cfg, job_overrides())  # first: a misspelt +key would otherwise be ignored, or fail obscurely
     try:
         check_objective(cfg)  # first: another family's objective config may read model settings this model lacks
     except (InterpolationResolutionError, InstantiationException):
