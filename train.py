@@ -1,7 +1,8 @@
 """Hydra entry point: `python train.py` runs the embedded default; see conf/train.yaml for the groups.
 
 A mistake in the settings, paths or files (a `tinyfusion_pl.UsageError`) is shown as its message alone, with exit
-status 1; `HYDRA_FULL_ERROR=1` shows its traceback too.
+status 1; `HYDRA_FULL_ERROR=1` shows its traceback too. In a sweep (`-m`) such a job is reported and recorded, the
+other jobs run, and the sweep exits with status 1 once SweepSummary has summarised the jobs that finished.
 """
 
 import logging
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> dict[str, Any]:
     # Imported here, not above: a config that Hydra itself refuses fails without waiting for torch and Lightning.
     from tinyfusion_pl.errors import find_usage_error
+    from tinyfusion_pl.evaluation.sweep_summary import record_failed_job, sweep_job
     from tinyfusion_pl.stages import run_stage
 
     # Lightning's package logger has its own console handler; imported after Hydra set up logging, its records
@@ -27,7 +29,11 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     except Exception as error:
         usage_error = find_usage_error(error)
         if usage_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
+            raise  # a bug: in a sweep too, Hydra shows its traceback once the running jobs are done
+        job = sweep_job()
+        if job is not None:  # one job's mistake: the sweep goes on (exiting here would end it, summary unwritten)
+            print(f"Error: {job.describe()}: {usage_error}", file=sys.stderr)
+            return record_failed_job(job, usage_error)
         print(f"Error: {usage_error}", file=sys.stderr)
         sys.exit(1)
 

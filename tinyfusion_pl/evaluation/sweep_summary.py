@@ -1,10 +1,18 @@
-"""The summary of a Hydra multirun: one CSV row and one Pareto-plot point (FID against speedup) per job."""
+"""The summary of a Hydra multirun: one CSV row and one Pareto-plot point (FID against speedup) per job.
+
+A job that stopped on a mistake in its settings (a UsageError: e.g. one swept value that cannot work) does not end
+the sweep: train.py records the message in the job's folder (error.txt) and the next job runs. When the sweep ends,
+summary.csv and pareto.png hold the jobs that finished, failed.csv the ones that did not, and the sweep exits with
+status 1.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,27 +23,68 @@ from omegaconf import DictConfig, OmegaConf
 from tinyfusion_pl.io import save_text, write_atomically
 
 COLUMNS = ["job", "overrides", "blocks", "params", "gflops", "samples_per_s", "speedup", "fid", "conditional_accuracy"]
+FAILED_COLUMNS = ["job", "overrides", "error"]
+FAILURE_RECORD = "error.txt"  # in a job's folder: the message of the mistake that stopped it
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """The job of a Hydra sweep that this process runs: its number, command-line overrides and folder."""
+
+    num: int
+    overrides: tuple[str, ...]
+    folder: Path
+
+    def describe(self) -> str:
+        return f"job {self.num} ({' '.join(self.overrides)})"
+
+
+def sweep_job() -> SweepJob | None:
+    """The sweep job running now; None outside a Hydra multirun (a single run, or the stages called from Python)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hydra = HydraConfig.get()
+    return SweepJob(int(hydra.job.num), tuple(hydra.overrides.task), Path(hydra.runtime.output_dir))
+
+
+def record_failed_job(job: SweepJob, error: BaseException) -> dict[str, str]:
+    """Write the error that stopped `job` into its folder, for SweepSummary; the job's return value for Hydra."""
+    if rank_zero_only.rank == 0:
+        save_text(f"{error}\n", job.folder / FAILURE_RECORD)
+    return {"error": str(error)}
 
 
 def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job folder of the sweep that wrote metrics.json, in job order.
+    """One row per job folder of the sweep that wrote metrics.json (and did not fail after), in job order.
 
-    `overrides` lists only the overrides that differ between jobs: the swept values.
+    `overrides` lists only the overrides that differ between the sweep's jobs: the swept values.
     """
-    paths = sorted(sweep_dir.glob("*/metrics.json"), key=lambda path: _job_order(path.parent.name))
-    overrides = [_job_overrides(path.parent) for path in paths]
-    shared = set.intersection(*map(set, overrides)) if len(overrides) > 1 else set()
+    shared = _shared_overrides(sweep_dir)
     rows = []
-    for metrics_path, job_overrides in zip(paths, overrides, strict=True):
-        metrics = json.loads(metrics_path.read_text())
+    for folder in _job_folders(sweep_dir):
+        if _failed(folder) or not (folder / "metrics.json").is_file():
+            continue
+        metrics = json.loads((folder / "metrics.json").read_text())
         pruned = metrics.get("pruned", {})
         rows.append({
-            "job": metrics_path.parent.name,
-            "overrides": " ".join(item for item in job_overrides if item not in shared),
+            "job": folder.name,
+            "overrides": " ".join(item for item in _job_overrides(folder) if item not in shared),
             **{key: pruned.get(key) for key in COLUMNS[2:] if key != "speedup"},
             "speedup": metrics.get("speedup"),
         })
     return rows
+
+
+def failed_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job of the sweep that stopped on a mistake in its settings, in job order, with the message."""
+    shared = _shared_overrides(sweep_dir)
+    return [{"job": folder.name,
+             "overrides": " ".join(item for item in _job_overrides(folder) if item not in shared),
+             "error": (folder / FAILURE_RECORD).read_text().strip()}
+            for folder in _job_folders(sweep_dir) if _failed(folder)]
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -53,12 +102,22 @@ def summarize_sweep(sweep_dir: str | Path) -> tuple[Path, Path] | None:
     rows = job_rows(sweep_dir)
     if not rows:
         return None
+    csv_path = save_csv(rows, COLUMNS, sweep_dir / "summary.csv")
+    return csv_path, plot_pareto(rows, sweep_dir / "pareto.png")
+
+
+def summarize_failures(sweep_dir: str | Path) -> tuple[Path, list[dict[str, Any]]] | None:
+    """Write failed.csv (job, overrides, error) into `sweep_dir`; None when no job failed."""
+    rows = failed_rows(Path(sweep_dir))
+    return (save_csv(rows, FAILED_COLUMNS, Path(sweep_dir) / "failed.csv"), rows) if rows else None
+
+
+def save_csv(rows: list[dict[str, Any]], columns: list[str], path: Path) -> Path:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    csv_path = save_text(buffer.getvalue(), sweep_dir / "summary.csv")
-    return csv_path, plot_pareto(rows, sweep_dir / "pareto.png")
+    return save_text(buffer.getvalue(), path)
 
 
 def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -86,6 +145,25 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _job_folders(sweep_dir: Path) -> list[Path]:
+    """The sweep's job folders (Hydra's record of the job's overrides in each), in job order."""
+    folders = [path.parent.parent for path in sweep_dir.glob("*/.hydra/overrides.yaml")]
+    folders += [path.parent for path in sweep_dir.glob("*/metrics.json") if path.parent not in folders]
+    return sorted(folders, key=lambda folder: _job_order(folder.name))
+
+
+def _failed(folder: Path) -> bool:
+    """The job's last attempt in this folder stopped on a mistake (an error record newer than its metrics)."""
+    record, metrics = folder / FAILURE_RECORD, folder / "metrics.json"
+    return record.is_file() and (not metrics.is_file() or record.stat().st_mtime_ns >= metrics.stat().st_mtime_ns)
+
+
+def _shared_overrides(sweep_dir: Path) -> set[str]:
+    """The overrides every job of the sweep has (none when it has a single job)."""
+    overrides = [set(_job_overrides(folder)) for folder in _job_folders(sweep_dir)]
+    return set.intersection(*overrides) if len(overrides) > 1 else set()
+
+
 def _job_overrides(job_dir: Path) -> list[str]:
     path = job_dir / ".hydra" / "overrides.yaml"
     return [str(item) for item in OmegaConf.load(path)] if path.is_file() else []
@@ -96,7 +174,11 @@ def _job_order(name: str) -> tuple[int, str]:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: when a multirun ends, summarise its jobs in the sweep folder."""
+    """Hydra callback: when a multirun ends, summarise its jobs in the sweep folder.
+
+    With failed jobs it lists them in failed.csv and ends the process with status 1 (SystemExit, which Hydra does
+    not turn into a warning as it does an Exception), so that scripts notice.
+    """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if rank_zero_only.rank != 0:  # every rank of a data-parallel sweep ends it; one writes the summary
@@ -104,3 +186,13 @@ class SweepSummary(Callback):
         written = summarize_sweep(config.hydra.sweep.dir)
         if written:
             print(f"Sweep summary: {written[0]} and {written[1]}")
+        failures = summarize_failures(config.hydra.sweep.dir)
+        if failures:
+            path, rows = failures
+            jobs = ", ".join(f"job {row['job']} ({row['overrides']})" if row["overrides"] else f"job {row['job']}"
+                             for row in rows)
+            total = len(_job_folders(Path(config.hydra.sweep.dir)))
+            print(f"Error: {len(rows)} of {total} jobs failed: {jobs}. Their messages are in {path}; "
+                  "correct their settings and run them again (summary.csv holds the jobs that finished).",
+                  file=sys.stderr)
+            raise SystemExit(1)
