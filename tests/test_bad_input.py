@@ -106,6 +106,8 @@ ROWS = [
     ("an invalid pattern", ["stage=prune", "pruning=learnable_2_4", "pruning.pattern=3:2"],
      r"pattern='3:2' keeps N=3 of M=2 blocks per group; N must satisfy 1 <= N <= M"),
     ("a keep ratio outside (0, 1]", ["stage=prune", "pruning.keep_ratio=1.5"], r"keep_ratio=1.5 must be a number in \(0, 1\]"),
+    ("a keep ratio outside (0, 1] in a pipeline, before its teacher is trained",
+     ["stage=pipeline", "teacher.checkpoint=null", "pruning.keep_ratio=7"], r"keep_ratio=7 must be a number in \(0, 1\]"),
     ("a keep ratio that gives no whole block count", ["stage=prune", "pruning=bi_score", "pruning.keep_ratio=0.3"],
      r"keep_ratio=0.3 with all 4 blocks in one group would keep 1.2 blocks"),
     ("a keep ratio beside a pattern", ["stage=prune", "pruning=learnable_2_4", "pruning.keep_ratio=0.25"],

@@ -34,9 +34,11 @@ from tinyfusion_pl.stages.common import (
     group_error,
     instantiate_group,
     model_blueprint,
+    model_family,
     resolve_teacher_checkpoint,
     sampler_options,
 )
+from tinyfusion_pl.stages.prune import learnable_callbacks
 
 # Stages that may pretrain a teacher or the digits classifier, and so write into paths.cache_dir.
 CACHING_STAGES = ("pretrain", "prune", "evaluate", "pipeline", "compare_selectors")
@@ -74,6 +76,9 @@ def check_config(cfg: DictConfig) -> None:
         raise UsageError(f"distill.method='{cfg.distill.method}' is not one of {DISTILL_METHODS}. Pass e.g. distill=kd.")
     check_sampling(cfg)
     check_model(cfg)
+    if stage in ("prune", "pipeline") and cfg.pruning.selector == "learnable":
+        # a keep ratio, pattern or temperature that cannot work stops a pipeline before its teacher is trained
+        learnable_callbacks(cfg, model_family(cfg).block_argument(prefix="net."))
     if cfg.teacher.checkpoint and not Path(cfg.teacher.checkpoint).exists():
         raise MissingInputError(f"teacher.checkpoint={cfg.teacher.checkpoint} does not exist. Pass the path of a "
                                 "model checkpoint (a file, or a save_pretrained folder for a diffusers model).")
