@@ -25,7 +25,7 @@ from tinyfusion_pl import UsageError
 from tinyfusion_pl.models import build_dit
 from tinyfusion_pl.pruning.lora import inject_lora
 from tinyfusion_pl.stages import run_stage
-from tinyfusion_pl.stages.added_settings import check_added_settings
+from tinyfusion_pl.stages.added_settings import CONF_DIR, check_added_settings, known_settings
 from tinyfusion_pl.stages.checks import check_config
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the mistake is asking for a GPU this machine lacks")
@@ -303,7 +303,20 @@ def test_legitimate_additions_pass(before, addition, tmp_path):
     cfg = compose_run(tmp_path / "run", tmp_path / "cache", *before, addition)
     check_added_settings(cfg, [*before, addition])
     # Hydra's own keys, and group options (Hydra checks those), are not this check's business
-    check_added_settings(cfg, [*before, addition, "+hydra.job.env_set.TOKEN=1", "hydra/launcher=joblib", "+data=digits"])
+    check_added_settings(cfg, [*before, addition, "+hydra.job.env_set.TOKEN=1", "hydra/launcher=joblib",
+                               "+hydra/launcher=joblib", "+data=digits"])
+
+
+def test_every_optional_key_the_code_reads_is_a_known_key():
+    """A key read with cfg.<section>.get("key") or OmegaConf.select(cfg, "a.b") may be added with +: it must be in
+    some conf/ file or in CODE_SETTINGS, or the + check would refuse a key the code reads."""
+    source = "\n".join(path.read_text() for path in [*(REPO / "tinyfusion_pl").rglob("*.py"), REPO / "train.py"])
+    read = {f"{section}.{key}".lstrip(".") for section, key in
+            re.findall(r"\bcfg((?:\.[a-z_]+)*)\.get\(\"([a-z_]+)\"", source)}
+    read |= set(re.findall(r"OmegaConf\.select\(cfg, \"([a-z_.]+)\"", source))
+    assert {"pruning.resume_from", "teacher.name", "compare.selectors"} <= read  # the pattern finds them
+    known = known_settings(CONF_DIR)
+    assert not [key for key in read if key not in known], sorted(read - known)
 
 
 def test_without_hydra_there_are_no_additions_to_check(tmp_path, inputs):

@@ -30,7 +30,8 @@ from tinyfusion_pl.errors import UsageError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # train.py's config_path, beside the package
 # Keys the code reads (with .get or OmegaConf.select) that no file under conf/ sets: none today, every optional
-# key read (pruning.resume_from, teacher.name, distill.sigma_k, ...) has a line in some option's file.
+# key read (pruning.resume_from, teacher.name, distill.sigma_k, ...) has a line in some option's file
+# (tests/test_bad_input.py checks the cfg.<section>.get("key") and OmegaConf.select(cfg, ...) reads).
 CODE_SETTINGS: tuple[str, ...] = ()
 # Sections given to a class as keyword arguments without a `_target_`: that class's arguments may be added.
 KWARGS_SECTIONS = {
@@ -66,8 +67,8 @@ def check_added_settings(cfg: DictConfig, overrides: Sequence[str], conf_dir: Pa
         if not (override.is_add() or override.is_force_add()) or override.package is not None:
             continue
         key = override.key_or_group
-        if (Path(conf_dir) / key).is_dir() or key.split(".")[0] == "hydra":
-            continue  # +experiment=smoke: a config group option, which Hydra itself checks
+        if "/" in key or (Path(conf_dir) / key).is_dir() or key.split(".")[0] == "hydra":
+            continue  # +experiment=smoke, +hydra/launcher=joblib: a config group option, which Hydra checks
         unknown = unknown_part(cfg, key, known)
         if unknown is not None:
             raise UsageError(describe(override.input_line.split("=", 1)[0], key, unknown, cfg, known))
