@@ -1,5 +1,6 @@
 """experiment=recoverability on a shrunk model (four blocks under 1:2: four choices), run for real.
 
+With logger=wandb (offline, no account) the study's table reaches one W&B run as recoverability.csv has it.
 A study that stops continues in the same folder: the finished pieces are read back, never redone (in-process,
 and with python train.py killed by SIGKILL in a slow test).
 """
@@ -169,3 +170,56 @@ def test_every_selector_of_the_experiments_changes_only_existing_pruning_setting
         assert set(changes) <= set(cfg.pruning) | {"num_keep", "kept_blocks", "seed", "progress"}, name
     if experiment == "recoverability_ablation":  # the base selectors stay, so one cached ground truth serves both
         assert {"learnable_lora", "bi_score", "steps_100", "gate_ema_0"} <= set(cfg.compare.selectors)
+
+
+@pytest.fixture(scope="module")
+def wandb_study(tmp_path_factory):
+    """The shrunk study again, with logger=wandb offline and no account (no API key, an empty netrc)."""
+    root = tmp_path_factory.mktemp("wandb_study")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")
+    mp.delenv("WANDB_API_KEY", raising=False)
+    (root / ".netrc").touch()
+    mp.setenv("NETRC", str(root / ".netrc"))
+    cfg = compose_run(root / "run", root / "cache", *SHRUNK, "logger=wandb",
+                      f"recoverability.study_dir={root / 'study'}")
+    run_stage(cfg)
+    yield root
+    mp.undo()
+
+
+def csv_values(row: dict[str, str]) -> dict:
+    """A recoverability.csv row with its values read back: seed an int, in_ground_truth a bool, empty cells None."""
+    values = {}
+    for column, text in row.items():
+        if column == "seed":
+            values[column] = int(text)
+        elif column == "in_ground_truth":
+            values[column] = {"True": True, "False": False}[text]
+        elif column in ("kept_blocks", "chosen_by"):
+            values[column] = text
+        else:
+            values[column] = float(text) if text else None
+    return values
+
+
+def test_wandb_holds_the_study_table_as_the_csv_has_it(wandb_study):
+    """One W&B run (the study's report run) holds recoverability/choices: the CSV's columns, rows and values."""
+    tables = sorted(wandb_study.rglob("offline-run-*/files/media/table/**/*.table.json"))
+    assert [table.relative_to(wandb_study).parts[:3] for table in tables] == [("study", "report", "wandb")]
+    (table,) = tables
+    assert table.parent.name == "recoverability" and table.name.startswith("choices")
+    holding = [run for run in wandb_study.rglob("offline-run-*")
+               if b"recoverability/choices" in next(run.glob("run-*.wandb")).read_bytes()]
+    assert holding == [table.parents[4]], "the table is logged to the study's report run, and only there"
+    logged = json.loads(table.read_text())
+    rows = list(csv.DictReader((wandb_study / "study" / "recoverability.csv").open()))
+    columns = list(rows[0])
+    assert logged["columns"] == columns
+    expected = [csv_values(row) for row in rows]
+    assert [dict(zip(columns, values, strict=True)) for values in logged["data"]] == expected
+    # == takes 0 for False and 1 for 1.0: the types are W&B's column types, and must be the CSV's too
+    assert [[type(value) for value in values] for values in logged["data"]] \
+        == [[type(value) for value in row.values()] for row in expected]
+    assert [row["kept_blocks"] for row in rows] == [key.replace("-", " ") for key in CHOICES]  # every choice
+    assert {name for row in rows for name in row["chosen_by"].split()} == {"learnable", "frozen", "bi_score", "oracle"}
