@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from tests.test_configs import REPO
 from tests.test_stage_prune import TINY, compose_run
@@ -34,10 +35,17 @@ CHOICES = ["0-2", "0-3", "1-2", "1-3"]
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """The whole shrunk study, run once in-process."""
+    """The whole shrunk study, run once in-process, with logger=wandb offline and no account (no API key, an
+    empty netrc)."""
     root = tmp_path_factory.mktemp("study")
-    cfg = compose_run(root / "run", root / "cache", *SHRUNK, f"recoverability.study_dir={root / 'study'}")
-    return run_stage(cfg), root / "study", cfg
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")
+    mp.delenv("WANDB_API_KEY", raising=False)
+    (root / ".netrc").touch()
+    mp.setenv("NETRC", str(root / ".netrc"))
+    cfg = compose_run(root / "run", root / "cache", *SHRUNK, "logger=wandb", f"recoverability.study_dir={root / 'study'}")
+    yield run_stage(cfg), root / "study", cfg
+    mp.undo()
 
 
 @pytest.mark.slow
@@ -133,7 +141,7 @@ def test_a_rerun_redoes_only_the_missing_choices_and_other_settings_are_refused(
     kept = {key: (seed_dir / "choices" / f"{key}.json").stat().st_mtime_ns for key in CHOICES[:2]}
     for key in CHOICES[2:]:  # as if the study had stopped after two choices
         (seed_dir / "choices" / f"{key}.json").unlink()
-    again = run_stage(cfg)
+    again = run_stage(OmegaConf.merge(cfg, {"logger": None}))  # W&B holds the first run's table alone
     assert sorted(path.name for path in (seed_dir / "runs").iterdir() if not path.name.startswith("old_")) \
         == [f"choice_{key}" for key in CHOICES[2:]], "only the missing choices run again"
     for key, mtime in kept.items():
@@ -172,22 +180,6 @@ def test_every_selector_of_the_experiments_changes_only_existing_pruning_setting
         assert {"learnable_lora", "bi_score", "steps_100", "gate_ema_0"} <= set(cfg.compare.selectors)
 
 
-@pytest.fixture(scope="module")
-def wandb_study(tmp_path_factory):
-    """The shrunk study again, with logger=wandb offline and no account (no API key, an empty netrc)."""
-    root = tmp_path_factory.mktemp("wandb_study")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WANDB_MODE", "offline")
-    mp.delenv("WANDB_API_KEY", raising=False)
-    (root / ".netrc").touch()
-    mp.setenv("NETRC", str(root / ".netrc"))
-    cfg = compose_run(root / "run", root / "cache", *SHRUNK, "logger=wandb",
-                      f"recoverability.study_dir={root / 'study'}")
-    run_stage(cfg)
-    yield root
-    mp.undo()
-
-
 def csv_values(row: dict[str, str]) -> dict:
     """A recoverability.csv row with its values read back: seed an int, in_ground_truth a bool, empty cells None."""
     values = {}
@@ -203,8 +195,9 @@ def csv_values(row: dict[str, str]) -> dict:
     return values
 
 
-def test_wandb_holds_the_study_table_as_the_csv_has_it(wandb_study):
+def test_wandb_holds_the_study_table_as_the_csv_has_it(study):
     """One W&B run (the study's report run) holds recoverability/choices: the CSV's columns, rows and values."""
+    wandb_study = study[1].parent
     tables = sorted(wandb_study.rglob("offline-run-*/files/media/table/**/*.table.json"))
     assert [table.relative_to(wandb_study).parts[:3] for table in tables] == [("study", "report", "wandb")]
     (table,) = tables
