@@ -1,6 +1,7 @@
 """Two real CPU ranks (gloo), started by Lightning's launcher as train.py starts them: once-only work on rank zero,
 agreement checks, shares of the samples, FID over the ranks, and non-finite steps skipped by every rank together."""
 
+import csv
 import json
 import os
 import subprocess
@@ -210,6 +211,24 @@ def test_fsdp2_prunes_with_full_weight_updates_as_one_process_with_the_global_ba
         [entry["chosen_options"] for entry in alone["history"]]
     np.testing.assert_allclose([entry["confidences"] for entry in sharded["history"]],
                                [entry["confidences"] for entry in alone["history"]], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compare_selectors_under_ddp_writes_one_comparison_of_every_selector(tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(tmp_path, tmp_path / "cache", "experiment=[compare_selectors,smoke]", *SMOKE_DDP[1:-1],
+                   "logger=none", "~compare.selectors.random_2", "~compare.selectors.random_3",
+                   f"hydra.run.dir={run_dir}")
+    assert result.stdout.count("Comparison: ") == 1
+    names = ["learnable", "bi_score", "sensitivity", "oracle", "random_0", "random_1"]
+    rows = list(csv.DictReader((run_dir / "comparison.csv").open()))
+    assert [row["selector"] for row in rows] == names
+    for name, row in zip(names, rows, strict=True):
+        decision = json.loads((run_dir / name / "prune" / "decision.json").read_text())
+        assert row["kept_blocks"] == " ".join(map(str, decision["kept_blocks"])), name
+        assert (run_dir / name / "recover" / "model.pt").is_file() and (run_dir / name / "evaluate").is_dir()
+    assert (run_dir / "train_ddp_process_1.log").is_file()  # rank 1 ran, in the same folder
+    assert not list(run_dir.rglob(".*.tmp*"))
 
 
 @pytest.mark.slow
