@@ -117,6 +117,28 @@ def test_a_prune_killed_mid_run_and_resumed_ends_as_an_uninterrupted_one(tmp_pat
     assert_same_tensors(lightning_state(uninterrupted / "pruned.pt"), lightning_state(resumed / "pruned.pt"))
 
 
+# The other architectures' embedded defaults at the same size (MAR: 2 encoder + 2 decoder blocks).
+OTHER_FAMILIES = {"sit_digits": ["experiment=sit_digits"],
+                  "mar_digits": ["experiment=mar_digits", "~model.depth", "++model.encoder_depth=2",
+                                 "++model.decoder_depth=2"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
+def test_a_prune_of_another_family_killed_and_resumed_ends_as_an_uninterrupted_one(tmp_path, cache_dir, family):
+    # SiT draws float times for flow matching; MAR draws orders, masks and its diffusion head's times and noise.
+    uninterrupted, resumed = kill_and_resume(tmp_path, cache_dir, "prune", "pruning.resume_from",
+                                             *OTHER_FAMILIES[family])
+    assert json.loads((resumed / "decision.json").read_text()) == json.loads((uninterrupted / "decision.json").read_text())
+    final, final_resumed = (lightning_state(folder / "checkpoints" / "last.ckpt") for folder in (uninterrupted, resumed))
+    assert final["global_step"] == final_resumed["global_step"] == 40
+    states, resumed_states = ({key: value for key, value in checkpoint["callbacks"].items()  # not its folder
+                               if not key.startswith("ModelCheckpoint")} for checkpoint in (final, final_resumed))
+    assert_same_tensors(states, resumed_states)  # gates, their EMA and history, every rank's random state
+    assert_same_tensors(final["state_dict"], final_resumed["state_dict"])
+    assert_same_tensors(final["optimizer_states"], final_resumed["optimizer_states"])
+
+
 @pytest.mark.slow
 def test_a_ddp_prune_killed_mid_run_and_resumed_ends_as_an_uninterrupted_one(tmp_path, cache_dir):
     # Two CPU ranks (gloo): the checkpoint holds each rank's random state, gathered from both.
