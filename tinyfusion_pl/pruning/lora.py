@@ -52,6 +52,16 @@ def linear_output(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return inputs @ weight.t() if bias is None else torch.addmm(bias, inputs, weight.t())
 
 
+def adapted_output(
+    inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+    lora_b: torch.Tensor, scaling: float, bottleneck: torch.Tensor, merged: bool,
+) -> torch.Tensor:
+    """inputs (W + s B A)^T + b: by the merged weight, or adding the thin product of `bottleneck` (s inputs A^T)."""
+    if merged:
+        return linear_output(inputs, updated_weight(weight, lora_a, lora_b, scaling), bias)
+    return linear_output(inputs, weight, bias).addmm_(bottleneck, lora_b.t())
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """x W^T + b + scaling * x' A^T B^T (x' = dropout(x)), with forward and backward written out.
 
@@ -70,10 +80,7 @@ class LoRALinearFunction(torch.autograd.Function):
         lora_inputs = inputs if lora_input is x else lora_input.reshape(-1, x.shape[-1])  # (M, in)
         bottleneck = (lora_a @ lora_inputs.t()).t() * scaling  # (M, rank)
         merged = lora_input is x and merges_update(inputs.shape[0], weight)
-        if merged:
-            out = linear_output(inputs, updated_weight(weight, lora_a, lora_b, scaling), bias)  # (M, out)
-        else:
-            out = linear_output(inputs, weight, bias).addmm_(bottleneck, lora_b.t())  # (M, out)
+        out = adapted_output(inputs, weight, bias, lora_a, lora_b, scaling, bottleneck, merged)  # (M, out)
         ctx.save_for_backward(inputs, lora_inputs, bottleneck, weight, lora_a, lora_b)
         ctx.merged = merged
         ctx.shared_input = lora_input is x
@@ -254,10 +261,8 @@ class SharedInputLoRAFunction(torch.autograd.Function):
         outputs = []
         for weight, bias, layer_a, lora_b, layer_scaling, layer_bottleneck, layer_merged in zip(
                 weights, biases, lora_as, lora_bs, scalings, bottlenecks, merged, strict=True):
-            if layer_merged:
-                out = linear_output(inputs, updated_weight(weight, layer_a, lora_b, layer_scaling), bias)  # (M, out)
-            else:
-                out = linear_output(inputs, weight, bias).addmm_(layer_bottleneck, lora_b.t())  # (M, out)
+            out = adapted_output(inputs, weight, bias, layer_a, lora_b, layer_scaling, layer_bottleneck,
+                                 layer_merged)  # (M, out)
             outputs.append(out.view(*x.shape[:-1], out.shape[-1]))  # (..., out)
         ctx.save_for_backward(inputs, bottleneck, *lora_as, *weights, *lora_bs)
         ctx.scaling = scaling
