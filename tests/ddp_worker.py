@@ -10,12 +10,14 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import tiny_dit
+from tests.test_mar_objective import tiny_mar
 from tinyfusion_pl import distributed
 from tinyfusion_pl.callbacks import CoOptimizedWeightUpdate, DifferentiableBlockMask
 from tinyfusion_pl.data.digits import DigitsDataModule
 from tinyfusion_pl.evaluation.digits_classifier import DigitsClassifier
 from tinyfusion_pl.evaluation.fid import digits_fid
 from tinyfusion_pl.module import DiffusionModule
+from tinyfusion_pl.objectives.mar import MaskedAutoregressive
 from tinyfusion_pl.stages.common import fit
 
 
@@ -57,6 +59,18 @@ def data_parallel_pruning(devices: int, batch_size: int) -> dict:
         "trainable": {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad},
         "kept_blocks": mask.kept_blocks,
     }
+
+
+def data_parallel_mar(devices: int, batch_size: int) -> dict:
+    """Three steps of MAR's objective (orders, masks, head steps and noise, label drops) on the digits with
+    `devices` ranks of `batch_size` samples each; the trainable weights rank zero ends with."""
+    L.seed_everything(0)
+    module = DiffusionModule(tiny_mar(), objective=MaskedAutoregressive(), ema_decay=None, lr=1e-3)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=3,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    fit(trainer, module, DigitsDataModule(batch_size=batch_size))
+    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
 
 
 def main(out: Path) -> None:
@@ -105,8 +119,10 @@ def main(out: Path) -> None:
 
     # data-parallel pruning: two ranks of 8 samples, to compare with one process of 16 (the test runs that)
     pruned = data_parallel_pruning(devices=2, batch_size=8)
+    mar = data_parallel_mar(devices=2, batch_size=8)
     if rank == 0:
         torch.save(pruned, out / "pruned_two_ranks.pt")
+        torch.save(mar, out / "mar_two_ranks.pt")
 
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
 

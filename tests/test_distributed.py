@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.ddp_worker import data_parallel_pruning, fid_case
+from tests.ddp_worker import data_parallel_mar, data_parallel_pruning, fid_case
 from tests.test_stage_prune import compose_run
 from tinyfusion_pl.stages import run_stage
 
@@ -93,6 +93,17 @@ def test_pruning_on_two_ranks_learns_what_one_process_learns_from_the_global_bat
     assert two_ranks["kept_blocks"] == one_process["kept_blocks"]
     assert largest_difference(one_process) < 1e-5
     assert largest_difference(half_batch) > 1e-4  # the comparison can tell another batch apart
+
+
+def test_mar_on_two_ranks_trains_as_one_process_with_the_global_batch(ranks):
+    # MAR's objective draws orders, masks and its head's steps and noise itself: for the global batch too.
+    out, _ = ranks
+    two_ranks = torch.load(out / "mar_two_ranks.pt")
+    one_process = data_parallel_mar(devices=1, batch_size=16)
+    half_batch = data_parallel_mar(devices=1, batch_size=8)
+    assert two_ranks.keys() == one_process.keys()
+    assert max(float((two_ranks[name] - one_process[name]).abs().max()) for name in two_ranks) < 1e-5
+    assert max(float((two_ranks[name] - half_batch[name]).abs().max()) for name in two_ranks) > 1e-4
 
 
 # --------------------------------------------------------------------------- train.py under trainer=ddp

@@ -92,7 +92,8 @@ class DiffusionModule(L.LightningModule):
         """The objective's per-sample loss terms on one batch, at random timesteps and noise (drawn from `generator`)."""
         x, cond = split_batch(batch)
         t, noise, cond = self.draws(x, cond, generator)
-        return self.objective.training_losses(self.net, x, t, noise=noise, model_kwargs=cond, generator=generator)
+        return self.objective.training_losses(self.net, x, t, noise=noise, model_kwargs=cond, generator=generator,
+                                              share=self.batch_share())
 
     def draws(
         self, x: torch.Tensor, cond: dict[str, Any], generator: torch.Generator | None = None,
@@ -103,20 +104,24 @@ class DiffusionModule(L.LightningModule):
         In data-parallel training they are drawn for the whole global batch on every rank, which takes its own
         rows: rank r's j-th sample is sample r + j * replicas of the global batch, as the training loader deals
         them out (ResumableDataLoader's share). A run on several ranks then draws what one process with the
-        global batch draws, and no two ranks share noise. Label drops (drop_labels; default: in data-parallel
-        training) are drawn here, once per sample, and passed the way the net's family takes them (DiT's
-        force_drop_ids); otherwise a net in training draws them itself, from the same generator right after the
-        noise (so one process draws the same either way).
+        global batch draws, and no two ranks share noise. Label drops (drop_labels; default: in training) are
+        drawn here, once per sample, and passed the way the net's family takes them (DiT's force_drop_ids), so
+        that they too come from the global draw; a net whose family takes none draws them itself, per rank.
+        The objective's own draws (MAR's orders and head noise) follow the same rule (`share`).
         """
-        replicas, rank = data_parallel_share(self._trainer) if self.training else (1, 0)
+        replicas, rank = self.batch_share()
         total = x.shape[0] * replicas
         t = self.objective.sample_timesteps(total, x.device, generator=generator)[rank::replicas]
         noise = torch.randn((total, *x.shape[1:]), device=x.device, dtype=x.dtype, generator=generator)[rank::replicas]
-        drop_labels = replicas > 1 if drop_labels is None else drop_labels
+        drop_labels = self.training if drop_labels is None else drop_labels
         if drop_labels and self.label_dropout > 0 and "y" in cond and self.family.label_drop_argument is not None:
             draws = torch.rand(total, device=x.device, generator=generator)[rank::replicas]
             cond = {**cond, **self.family.condition(cond["y"], drop=(draws < self.label_dropout).long())}
         return t, noise, cond
+
+    def batch_share(self) -> tuple[int, int]:
+        """(replicas, rank): in data-parallel training, where this rank's samples sit in the global batch."""
+        return data_parallel_share(self._trainer) if self.training else (1, 0)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         terms = self.diffusion_terms(batch)

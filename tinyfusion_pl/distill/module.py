@@ -182,7 +182,7 @@ class DistillationModule(DiffusionModule):
                 self.feature_capture(self.teacher.net, teacher_indices) as teacher_features:
             # gt is the objective's loss; its parts (e.g. mse, vb) and the KD parts are logged beside it
             terms = self.objective.distillation_losses(self.net, self.teacher.net, x, t, noise, model_kwargs=cond,
-                                                       generator=generator)
+                                                       generator=generator, share=self.batch_share())
         loss = self.hparams.kd_weight * terms["kd"] + self.hparams.gt_weight * terms["gt"]
         if self.feature_pairs:
             per_pair = [masked_feature_mse(student_features[student], teacher_features[teacher], self.hparams.sigma_k,

@@ -84,10 +84,13 @@ class DiffusionObjective(abc.ABC):
         noise: torch.Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        share: tuple[int, int] = (1, 0),
     ) -> dict[str, torch.Tensor]:
         """Noise x_start to times t, run the model, and return loss_terms' per-sample dict.
 
         `generator` draws whatever randomness an objective needs beyond t and noise (none here; MAR's orders).
+        `share` = (replicas, rank) in data-parallel training: x_start is rows rank, rank + replicas, ... of the
+        global batch, and such randomness is drawn for the global batch and those rows taken (MAR).
         """
         if noise is None:
             noise = torch.randn_like(x_start)
@@ -104,6 +107,7 @@ class DiffusionObjective(abc.ABC):
         noise: torch.Tensor,
         model_kwargs: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        share: tuple[int, int] = (1, 0),
     ) -> dict[str, torch.Tensor]:
         """Per-sample (N,) terms of a student and a teacher run on the same noisy input and conditioning.
 

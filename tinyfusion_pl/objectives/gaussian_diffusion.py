@@ -372,6 +372,7 @@ class GaussianDiffusion(DiffusionObjective):
         noise: torch.Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        share: tuple[int, int] = (1, 0),
     ) -> dict[str, torch.Tensor]:
         """Noise x_start to step t (indices of this process), run the model, and return loss_terms' dict."""
         _check_timesteps(t, x_start)

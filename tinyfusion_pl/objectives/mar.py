@@ -233,11 +233,14 @@ class MaskedAutoregressive(DiffusionObjective):
         noise: torch.Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        share: tuple[int, int] = (1, 0),
     ) -> MaskedTokens:
         """Orders, masks, label drops, head steps and head noise for latents x_start (N, C, H, W) at ratios t (N,).
 
         `noise` (N, C, H, W), when given, is the head noise of the first of the diffusion_batch_mul repeats
-        (token by token after patchify); everything else comes from `generator`.
+        (token by token after patchify); everything else comes from `generator`. With share = (replicas, rank)
+        the orders, steps and head noise are drawn for the global batch of replicas * N samples (one mask ratio,
+        so every sample has as many masked tokens) and this rank's rows taken: rank, rank + replicas, ...
         """
         _check_mar(net)
         tokens = net.patchify(x_start)  # (N, L, Dt)
@@ -247,14 +250,22 @@ class MaskedAutoregressive(DiffusionObjective):
             raise ValueError(f"t must be the mask ratios, a float tensor of shape ({batch_size},), e.g. "
                              f"objective.sample_timesteps({batch_size}, device); got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}.")
-        orders = random_orders(batch_size, seq_len, device, generator)
-        mask = mask_by_order(masked_token_counts(seq_len, t.to(device)), orders)  # (N, L)
+        replicas, rank = share
+        orders = random_orders(batch_size * replicas, seq_len, device, generator)[rank::replicas]
+        counts = masked_token_counts(seq_len, t.to(device))
+        mask = mask_by_order(counts, orders)  # (N, L)
         labels, drop = self._labels_and_drops(net, model_kwargs or {}, batch_size, device, generator)
         repeats = int(net.diffusion_batch_mul)
         owners = mask.nonzero(as_tuple=True)[0].repeat(repeats)  # (M,)
-        targets = tokens[mask].repeat(repeats, 1)  # (M, Dt)
-        steps = _draw_steps(len(targets), self.diffusion.num_timesteps, device, generator)  # (M,)
-        head_noise = _draw_normal(tuple(targets.shape), device, generator).to(targets.dtype)  # (M, Dt)
+        targets = tokens[mask].repeat(repeats, 1)  # (M, Dt): repeat-major, then sample, then token
+        steps = _draw_steps(len(targets) * replicas, self.diffusion.num_timesteps, device, generator)  # (M,)
+        head_noise = _draw_normal((len(targets) * replicas, targets.shape[1]), device, generator).to(targets.dtype)
+        if replicas > 1:  # the global batch's draws: take this rank's samples' tokens
+            if not bool((counts == counts.flatten()[0]).all()):
+                raise ValueError("data-parallel MAR draws need one mask ratio per batch (objective.sample_timesteps).")
+            steps = steps.view(repeats, batch_size * replicas, -1)[:, rank::replicas].reshape(-1)
+            head_noise = head_noise.view(repeats, batch_size * replicas, -1, targets.shape[1])[:, rank::replicas]
+            head_noise = head_noise.reshape(targets.shape)
         if noise is not None:
             if noise.shape != x_start.shape:
                 raise ValueError(f"noise of shape {tuple(noise.shape)} does not match x_start of shape "
@@ -328,13 +339,14 @@ class MaskedAutoregressive(DiffusionObjective):
         noise: torch.Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        share: tuple[int, int] = (1, 0),
     ) -> dict[str, torch.Tensor]:
         """Per-sample (N,) "loss" = "mse" + "vb" of the head on the masked tokens of latents x_start at mask ratios t.
 
         The reference averages over all masked tokens of the batch; with one ratio per batch every sample has
         as many, and the batch mean of these per-sample values is that same number.
         """
-        draw = self.draw(model, x_start, t, noise, model_kwargs, generator)
+        draw = self.draw(model, x_start, t, noise, model_kwargs, generator, share)
         x_t = self.diffusion.q_sample(draw.targets, draw.steps, draw.noise)  # (M, Dt)
         output = self.head_outputs(model, draw, x_t)  # (M, 2 Dt)
         terms = self.diffusion.loss_terms(output, draw.targets, x_t, draw.steps, draw.noise)
@@ -349,6 +361,7 @@ class MaskedAutoregressive(DiffusionObjective):
         noise: torch.Tensor,
         model_kwargs: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        share: tuple[int, int] = (1, 0),
     ) -> dict[str, torch.Tensor]:
         """Per-sample (N,) "gt" (the student's head loss, with "mse" and "vb") and "kd" (with "kd_mse", "kd_vb").
 
@@ -359,7 +372,7 @@ class MaskedAutoregressive(DiffusionObjective):
         if int(student.diffusion_batch_mul) != int(teacher.diffusion_batch_mul):
             raise ValueError(f"the student repeats each token {student.diffusion_batch_mul} times in its head and the "
                              f"teacher {teacher.diffusion_batch_mul}; give both the same diffusion_batch_mul.")
-        draw = self.draw(student, x_start, t, noise, model_kwargs, generator)
+        draw = self.draw(student, x_start, t, noise, model_kwargs, generator, share)
         x_t = self.diffusion.q_sample(draw.targets, draw.steps, draw.noise)  # (M, Dt)
         student_output = self.head_outputs(student, draw, x_t)  # (M, 2 Dt)
         with torch.no_grad():
