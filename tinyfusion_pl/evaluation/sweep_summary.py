@@ -71,7 +71,7 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         pruned = metrics.get("pruned", {})
         rows.append({
             "job": folder.name,
-            "overrides": " ".join(item for item in _job_overrides(folder) if item not in shared),
+            "overrides": _swept_overrides(folder, shared),
             **{key: pruned.get(key) for key in COLUMNS[2:] if key != "speedup"},
             "speedup": metrics.get("speedup"),
         })
@@ -82,7 +82,7 @@ def failed_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job of the sweep that stopped on a mistake in its settings, in job order, with the message."""
     shared = _shared_overrides(sweep_dir)
     return [{"job": folder.name,
-             "overrides": " ".join(item for item in _job_overrides(folder) if item not in shared),
+             "overrides": _swept_overrides(folder, shared),
              "error": (folder / FAILURE_RECORD).read_text().strip()}
             for folder in _job_folders(sweep_dir) if _failed(folder)]
 
@@ -162,6 +162,11 @@ def _shared_overrides(sweep_dir: Path) -> set[str]:
     """The overrides every job of the sweep has (none when it has a single job)."""
     overrides = [set(_job_overrides(folder)) for folder in _job_folders(sweep_dir)]
     return set.intersection(*overrides) if len(overrides) > 1 else set()
+
+
+def _swept_overrides(job_dir: Path, shared: set[str]) -> str:
+    """The job's overrides that not every job of the sweep has: its swept values."""
+    return " ".join(item for item in _job_overrides(job_dir) if item not in shared)
 
 
 def _job_overrides(job_dir: Path) -> list[str]:
