@@ -39,6 +39,18 @@ def fid_case() -> tuple:
     return scorer, samples
 
 
+def fit_on_digits(module: DiffusionModule, devices: int, batch_size: int, steps: int,
+                  callbacks: list[L.Callback] = ()) -> dict[str, torch.Tensor]:
+    """`steps` training steps on the digits with `devices` ranks of `batch_size` samples each, through the stages'
+    fit (from the seed's fresh state); the trainable weights this rank ends with."""
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=list(callbacks))
+    fit(trainer, module, DigitsDataModule(batch_size=batch_size))
+    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
 def data_parallel_pruning(devices: int, batch_size: int) -> dict:
     """Four learnable-pruning steps (gates, LoRA, label dropout) on the digits with `devices` ranks of `batch_size`
     samples each; what rank zero ends with: the gate logits, the trainable weights and the decision."""
@@ -49,14 +61,10 @@ def data_parallel_pruning(devices: int, batch_size: int) -> dict:
             parameter.add_(0.05 * torch.randn_like(parameter))
     module = DiffusionModule(net, ema_decay=None, lr=1e-3)
     mask = DifferentiableBlockMask(blocks="net.blocks", pattern="1:2", plot=False)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=4,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        callbacks=[mask, CoOptimizedWeightUpdate(method="lora")])
-    fit(trainer, module, DigitsDataModule(batch_size=batch_size))  # the stages' fit: from the seed's fresh state
+    trainable = fit_on_digits(module, devices, batch_size, 4, [mask, CoOptimizedWeightUpdate(method="lora")])
     return {
         "gate_logits": [logits.detach().clone() for logits in mask.gates.gate_logits],
-        "trainable": {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad},
+        "trainable": trainable,
         "kept_blocks": mask.kept_blocks,
     }
 
@@ -66,11 +74,7 @@ def data_parallel_mar(devices: int, batch_size: int) -> dict:
     `devices` ranks of `batch_size` samples each; the trainable weights rank zero ends with."""
     L.seed_everything(0)
     module = DiffusionModule(tiny_mar(), objective=MaskedAutoregressive(), ema_decay=None, lr=1e-3)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=3,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
-    fit(trainer, module, DigitsDataModule(batch_size=batch_size))
-    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+    return fit_on_digits(module, devices, batch_size, 3)
 
 
 def main(out: Path) -> None:
