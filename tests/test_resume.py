@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tinyfusion_pl.callbacks.random_state import random_state, set_random_state
 from tinyfusion_pl.io import begin_output_set
@@ -60,11 +62,17 @@ def kill_at_first_checkpoint(command: list[str], checkpoint: Path, cache_dir: Pa
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL, "train.py ended before it could be killed in the middle"
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
+    return lightning_state(checkpoint)["global_step"]
 
 
 def lightning_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A Lightning checkpoint as one dict; a sharded one (trainer=fsdp2: a folder) with its shards gathered."""
+    if not path.is_dir():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    with tempfile.TemporaryDirectory() as folder:
+        dcp_to_torch_save(path, Path(folder) / "whole.pt")
+        gathered = torch.load(Path(folder) / "whole.pt", map_location="cpu", weights_only=False)
+    return {**torch.load(path / "meta.pt", map_location="cpu", weights_only=False), **gathered}
 
 
 def assert_same_tensors(a, b) -> None:
@@ -140,17 +148,27 @@ def test_a_prune_of_another_family_killed_and_resumed_ends_as_an_uninterrupted_o
 
 
 @pytest.mark.slow
-def test_a_ddp_prune_killed_mid_run_and_resumed_ends_as_an_uninterrupted_one(tmp_path, cache_dir):
-    # Two CPU ranks (gloo): the checkpoint holds each rank's random state, gathered from both.
-    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
-    uninterrupted, resumed = kill_and_resume(tmp_path, cache_dir, "prune", "pruning.resume_from", *ddp)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_prune_on_two_ranks_killed_mid_run_and_resumed_ends_as_an_uninterrupted_one(tmp_path, cache_dir, strategy):
+    # Two CPU ranks (gloo): the checkpoint holds each rank's random state, gathered from both. fsdp2 writes a
+    # folder of shards; the gate group's optimizer state, which its sharded optimizer state cannot hold, is the
+    # mask's to keep.
+    ranks = [f"trainer={strategy}", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    uninterrupted, resumed = kill_and_resume(tmp_path, cache_dir, "prune", "pruning.resume_from", *ranks)
     assert json.loads((resumed / "decision.json").read_text()) == json.loads((uninterrupted / "decision.json").read_text())
     final, final_resumed = (lightning_state(folder / "checkpoints" / "last.ckpt") for folder in (uninterrupted, resumed))
+    assert (uninterrupted / "checkpoints" / "last.ckpt").is_dir() == (strategy == "fsdp2")
     assert len(final["callbacks"]["RandomStateCheckpoint"]["ranks"]) == 2
     states, resumed_states = ({key: value for key, value in checkpoint["callbacks"].items()
                                if not key.startswith("ModelCheckpoint")} for checkpoint in (final, final_resumed))
+    mask_key = next(key for key in states if key.startswith("DifferentiableBlockMask"))
+    assert all(state["exp_avg_sq"].abs().sum() > 0 for state in states[mask_key]["gate_optimizer_state"])
     assert_same_tensors(states, resumed_states)
     assert_same_tensors(final["state_dict"], final_resumed["state_dict"])
+    optimizer = "optimizer_0" if strategy == "fsdp2" else "optimizer_states"
+    assert_same_tensors(final[optimizer], final_resumed[optimizer])
+    assert_same_tensors(lightning_state(uninterrupted / "pruned.pt"), lightning_state(resumed / "pruned.pt"))
+    assert not list(resumed.rglob(".*.partial-*"))
 
 
 @pytest.mark.slow
@@ -294,6 +312,14 @@ def test_a_checkpoint_of_another_stage_or_no_checkpoint_at_all_is_refused(tmp_pa
     cut.write_bytes((checkpoints / "last.ckpt").read_bytes()[:5000])  # a copy cut short
     with pytest.raises(ValueError, match=r"cut.ckpt cannot be read as a checkpoint .*drop pretrain.resume_from"):
         run_stage(tiny(tmp_path, cache_dir, "stage=pretrain", f"pretrain.resume_from={cut}"))
+    # a sharded checkpoint (trainer=fsdp2) is a folder whose meta.pt holds the record; without it, it is not whole
+    sharded = tmp_path / "sharded.ckpt"
+    sharded.mkdir()
+    with pytest.raises(ValueError, match=r"sharded.ckpt is a folder without meta.pt, so not a whole sharded checkpoint"):
+        run_stage(tiny(tmp_path, cache_dir, "stage=pretrain", f"pretrain.resume_from={sharded}"))
+    (sharded / "meta.pt").write_bytes((checkpoints / "last.ckpt").read_bytes())  # all but the shards
+    with pytest.raises(ValueError, match=rf"pruning.resume_from={sharded} is a checkpoint of stage=pretrain, not"):
+        run_stage(tiny(tmp_path, cache_dir, "stage=prune", f"pruning.resume_from={sharded}"))
 
 
 def test_recover_refuses_a_prune_output_half_rewritten_by_a_killed_run_and_clears_its_strays(

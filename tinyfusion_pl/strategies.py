@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed
@@ -11,6 +14,7 @@ from hydra.utils import get_class
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from tinyfusion_pl.families import find_family
+from tinyfusion_pl.io import atomic_folder
 
 
 def family_block_classes(root: nn.Module) -> tuple[type[nn.Module], ...]:
@@ -64,14 +68,64 @@ def fsdp_strategy(
     )
 
 
-def fsdp2_strategy(**kwargs) -> ModelParallelStrategy:
+@contextmanager
+def model_groups_only(optimizer: torch.optim.Optimizer, model: nn.Module) -> Iterator[None]:
+    """Hide the parameter groups of `optimizer` that hold no parameter of `model`, and their state, for a while.
+
+    torch's distributed optimizer state names every parameter by its place in the model, so a group of parameters
+    that live elsewhere (DifferentiableBlockMask's gate logits, kept in the callback) cannot pass through it; the
+    callback saves and restores that group's state itself.
+    """
+    inside = {id(parameter) for parameter in model.parameters()}
+    outside = [group for group in optimizer.param_groups if not any(id(p) in inside for p in group["params"])]
+    if not outside:
+        yield
+        return
+    hidden_state = {p: optimizer.state.pop(p) for group in outside for p in group["params"] if p in optimizer.state}
+    optimizer.param_groups = [group for group in optimizer.param_groups if all(group is not o for o in outside)]
+    try:
+        yield
+    finally:  # after a load, param_groups and state are the loaded ones: the hidden groups go back at the end
+        optimizer.param_groups.extend(outside)
+        optimizer.state.update(hidden_state)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy whose checkpoints also hold optimizers with parameters outside the model
+    (the mask's gate group), and whose sharded checkpoint folders replace the previous one atomically."""
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        with model_groups_only(getattr(optimizer, "_optimizer", optimizer), self.model):  # LightningOptimizer
+            return super().optimizer_state(optimizer)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        with ExitStack() as hidden:
+            for optimizer in self.optimizers:
+                hidden.enter_context(model_groups_only(optimizer, self.model))
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if not self._save_distributed_checkpoint:  # one file, gathered on rank zero and written by checkpoint_io
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        # Every rank writes its shard into one temporary folder; rank zero then puts it in place of the last one,
+        # so a kill while writing leaves the previous checkpoint whole (the next run removes the stray folder).
+        path = Path(self.broadcast(filepath))
+        with ExitStack() as stack:
+            temporary = stack.enter_context(atomic_folder(path)) if self.is_global_zero else None
+            temporary = self.broadcast(temporary)
+            super().save_checkpoint(checkpoint, temporary, storage_options)
+            self.barrier("tinyfusion_sharded_checkpoint_written")
+        self.barrier("tinyfusion_sharded_checkpoint_in_place")
+
+
+def fsdp2_strategy(**kwargs) -> FSDP2Strategy:
     """FSDP2 through Lightning's ModelParallelStrategy: every process holds one data-parallel shard (no tensor
     parallelism). The modules shard themselves in `configure_model` (DiffusionModule: one unit per block of the
     model's family, see shard_family_blocks). train.py starts the processes before any Trainer is built, so their
     number is known here."""
     initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
     processes = torch.distributed.get_world_size() if initialized else 1
-    return ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1, **kwargs)
+    return FSDP2Strategy(data_parallel_size=processes, tensor_parallel_size=1, **kwargs)
 
 
 def shard_family_blocks(root: nn.Module, mesh: torch.distributed.device_mesh.DeviceMesh) -> None:

@@ -63,6 +63,15 @@ _SCHEDULER_LR_LISTS = ("base_lrs", "max_lrs", "min_lrs")
 _SCHEDULER_OTHER_LISTS = ("lr_lambdas", "base_momentums", "max_momentums")
 
 
+def _to_optimizer_state(value: Any, key: str, parameter: torch.Tensor, group: dict[str, Any]) -> Any:
+    """A saved optimizer state entry placed as torch's Optimizer.load_state_dict places it."""
+    if not torch.is_tensor(value):
+        return value
+    if key == "step" and not (group.get("capturable") or group.get("fused")):
+        return value.clone()  # a CPU scalar unless the optimizer keeps it on the parameter's device
+    return value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
+
+
 def _extend_scheduler_to_new_group(scheduler: Any, optimizer: torch.optim.Optimizer, lr_multiplier: float) -> None:
     """Give a scheduler of `optimizer` an entry for the group just appended, modelled on the first group's."""
     for nested in getattr(scheduler, "_schedulers", ()):  # SequentialLR and ChainedScheduler step their parts
@@ -214,6 +223,8 @@ class DifferentiableBlockMask(Callback):
         self._previous_choice: torch.Tensor | None = None
         self._hooks: BlockMaskHooks | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._optimizer: torch.optim.Optimizer | None = None  # the one holding the gate group
+        self._pending_optimizer_state: list[dict[str, Any]] | None = None
         self._sampling = False
         self._sample: torch.Tensor | None = None
         self._kept_mask: list[bool] | None = None
@@ -353,6 +364,16 @@ class DifferentiableBlockMask(Callback):
         if not self._history:
             self._record(trainer.global_step)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After every restore: strategies that save only the model's parameters' optimizer state (FSDP2Strategy)
+        # leave the gate group's moments to this callback; where Lightning restored them too, they are the same.
+        if self._pending_optimizer_state is not None and self._optimizer is not None:
+            gate_group = self._gate_group(self._optimizer)
+            for logits, saved in zip(gate_group["params"], self._pending_optimizer_state, strict=True):
+                self._optimizer.state[logits] = {key: _to_optimizer_state(value, key, logits, gate_group)
+                                                 for key, value in saved.items()}
+        self._pending_optimizer_state = None
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._progress = trainer.global_step / max(self._run_steps - 1, 1)
         self._step_at_batch_start = trainer.global_step
@@ -432,6 +453,10 @@ class DifferentiableBlockMask(Callback):
             "progress": self._progress,
             "decision_changes": int(self._decision_changes),
             "history": copy.deepcopy(self._history),
+            # the gate group's optimizer state (e.g. AdamW's moments): not every strategy saves it with the model's
+            "gate_optimizer_state": [{key: value.detach().clone() if torch.is_tensor(value) else value
+                                      for key, value in self._optimizer.state.get(logits, {}).items()}
+                                     for logits in self.gates.gate_logits] if self._optimizer is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -458,6 +483,7 @@ class DifferentiableBlockMask(Callback):
         self._progress = state.get("progress", self._progress)
         self._decision_changes = state.get("decision_changes", self._decision_changes)
         self._history = copy.deepcopy(state.get("history", self._history))
+        self._pending_optimizer_state = state.get("gate_optimizer_state")
         self._previous_choice = gates.chosen_options()
         self._kept_mask = None
 
@@ -505,6 +531,7 @@ class DifferentiableBlockMask(Callback):
         if "weight_decay" in gate_group:
             gate_group["weight_decay"] = 0.0  # decay would pull the logits back toward uniform
         optimizer.add_param_group(gate_group)
+        self._optimizer = optimizer
         for config in trainer.lr_scheduler_configs:
             _extend_scheduler_to_new_group(config.scheduler, optimizer, self.lr_multiplier)
 

@@ -50,6 +50,7 @@ JUDGES = ("digits", None)
 SWEEP_DIR_VARIABLE = "TINYFUSION_SWEEP_DIR"
 CHECKPOINT_FOLDER = "checkpoints"  # <stage>/checkpoints: the periodic Lightning checkpoints of a training stage
 CHECKPOINT_RECORD = "tinyfusion_pl"  # the entry of a Lightning checkpoint that says which stage wrote it
+SHARDED_METADATA = "meta.pt"  # the file of a sharded checkpoint folder that Lightning's ModelParallelStrategy writes last
 
 
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
@@ -223,8 +224,6 @@ def resume_checkpoint(cfg: DictConfig, stage: str, option: str, inputs: dict[str
         if not path.exists():
             raise MissingInputError(f"{option}={path} does not exist. Pass a checkpoint from <run>/{stage}/"
                                     f"{CHECKPOINT_FOLDER}/ (last.ckpt), or {option}=auto with hydra.run.dir=<the run folder>.")
-    if path.is_dir():  # a sharded (FSDP) checkpoint: a folder that Lightning reads itself
-        return str(path)
     record = checkpoint_record(path, option)
     if record is not None and record.get("stage") != stage:
         raise UsageError(
@@ -245,8 +244,16 @@ def resume_checkpoint(cfg: DictConfig, stage: str, option: str, inputs: dict[str
 def checkpoint_record(path: Path, option: str) -> dict[str, Any] | None:
     """The stage record of a Lightning checkpoint (None for one written elsewhere), or an error naming the file.
 
-    The file is memory-mapped: only the few entries read here are loaded, whatever the model's size.
+    The file is memory-mapped: only the few entries read here are loaded, whatever the model's size. A sharded
+    checkpoint (trainer=fsdp2) is a folder whose meta.pt holds everything but the weights and optimizer states.
     """
+    sharded = path.is_dir()
+    if sharded:
+        if not (path / SHARDED_METADATA).is_file():
+            raise UsageError(f"{option}={path} is a folder without {SHARDED_METADATA}, so not a whole sharded checkpoint "
+                             f"(a kill while it was written leaves one). Pass another checkpoint, or drop {option} to "
+                             "start at step 0.")
+        path = path / SHARDED_METADATA
     try:
         try:
             checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
@@ -256,7 +263,8 @@ def checkpoint_record(path: Path, option: str) -> dict[str, Any] | None:
         raise UsageError(f"{option}={path} cannot be read as a checkpoint ({type(error).__name__}: {error}). It may be "
                          "cut short by a kill while it was written; pass another checkpoint, or drop "
                          f"{option} to start at step 0.") from error
-    if not isinstance(checkpoint, dict) or not {"state_dict", "global_step"} <= set(checkpoint):
+    needed = {"global_step"} if sharded else {"state_dict", "global_step"}
+    if not isinstance(checkpoint, dict) or not needed <= set(checkpoint):
         raise UsageError(f"{option}={path} is not a Lightning checkpoint (no state_dict/global_step): it takes the "
                          f".ckpt files in <run>/<stage>/{CHECKPOINT_FOLDER}/. To start from a model's weights instead, "
                          "use teacher.checkpoint or pretrain.module.init_checkpoint.")

@@ -8,9 +8,6 @@ from typing import Any
 import lightning as L
 import torch.nn as nn
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from tinyfusion_pl import distributed
@@ -72,11 +69,6 @@ def learnable_selection(
     mask, weight_update = callbacks
     module = DiffusionModule(net, objective=instantiate(cfg.objective), lr=cfg.pruning.lr, ema_decay=None)
     trainer = build_trainer(cfg, "prune", max_steps=cfg.pruning.max_steps, callbacks=[mask, weight_update])
-    if isinstance(trainer.strategy, ModelParallelStrategy) and any(isinstance(c, Checkpoint) for c in trainer.callbacks):
-        # Its distributed optimizer state takes only the model's parameters, and the gates live in the mask.
-        rank_zero_warn("trainer=fsdp2: the learnable prune writes no periodic checkpoints (Lightning's FSDP2 "
-                       "optimizer state cannot hold the mask's gate logits, which live outside the sharded model).")
-        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoint)]
     fit(trainer, module, datamodule, resume_from)
     gather_full_weights(module, lambda: load_teacher(cfg))  # sharded by trainer=fsdp2: whole weights again
 
