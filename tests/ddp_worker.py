@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py as `python tests/ddp_worker.py OUT`: two real CPU ranks (gloo), started by
 Lightning's launcher exactly as train.py starts them. Each rank writes what it saw to OUT/rank<N>.json."""
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -51,16 +52,31 @@ def fit_on_digits(module: DiffusionModule, devices: int, batch_size: int, steps:
     return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
 
 
-def data_parallel_pruning(devices: int, batch_size: int) -> dict:
-    """Four learnable-pruning steps (gates, LoRA, label dropout) on the digits with `devices` ranks of `batch_size`
-    samples each; what rank zero ends with: the gate logits, the trainable weights and the decision."""
-    L.seed_everything(0)
-    net = tiny_dit(depth=4, class_dropout_prob=0.3)
+def tiny_net(family: str) -> torch.nn.Module:
+    """A 4-block net of `family` for the digits, with label dropout 0.3 and a gradient for every weight."""
+    if family == "diffusers_dit":
+        from tinyfusion_pl.models.diffusers import build_diffusers
+
+        net = build_diffusers("dit", depth=4, learn_sigma=True, num_attention_heads=2, attention_head_dim=8,
+                              in_channels=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                              class_dropout_prob=0.3)
+    else:
+        net = tiny_dit(depth=4, class_dropout_prob=0.3)
     with torch.no_grad():  # DiT starts with its blocks as identities (adaLN-zero): give every weight a gradient
         for parameter in net.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    module = DiffusionModule(net, ema_decay=None, lr=1e-3)
-    mask = DifferentiableBlockMask(blocks="net.blocks", pattern="1:2", plot=False)
+    return net
+
+
+BLOCKS = {"dit": "net.blocks", "diffusers_dit": "net.model.transformer_blocks"}
+
+
+def data_parallel_pruning(devices: int, batch_size: int, family: str = "dit") -> dict:
+    """Four learnable-pruning steps (gates, LoRA, label dropout) on the digits with `devices` ranks of `batch_size`
+    samples each; what rank zero ends with: the gate logits, the trainable weights and the decision."""
+    L.seed_everything(0)
+    module = DiffusionModule(tiny_net(family), ema_decay=None, lr=1e-3)
+    mask = DifferentiableBlockMask(blocks=BLOCKS[family], pattern="1:2", plot=False)
     trainable = fit_on_digits(module, devices, batch_size, 4, [mask, CoOptimizedWeightUpdate(method="lora")])
     return {
         "gate_logits": [logits.detach().clone() for logits in mask.gates.gate_logits],
@@ -122,11 +138,12 @@ def main(out: Path) -> None:
     seen["weights_finite"] = all(bool(torch.isfinite(p).all()) for p in module.net.parameters())
 
     # data-parallel pruning: two ranks of 8 samples, to compare with one process of 16 (the test runs that)
-    pruned = data_parallel_pruning(devices=2, batch_size=8)
-    mar = data_parallel_mar(devices=2, batch_size=8)
+    runs = {"pruned": data_parallel_pruning(devices=2, batch_size=8), "mar": data_parallel_mar(devices=2, batch_size=8)}
+    if importlib.util.find_spec("diffusers") is not None:  # an optional dependency
+        runs["diffusers_dit"] = data_parallel_pruning(devices=2, batch_size=8, family="diffusers_dit")
     if rank == 0:
-        torch.save(pruned, out / "pruned_two_ranks.pt")
-        torch.save(mar, out / "mar_two_ranks.pt")
+        for name, run in runs.items():
+            torch.save(run, out / f"{name}_two_ranks.pt")
 
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
 

@@ -76,13 +76,16 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(ranks):
     assert seen[0]["weights_sum"] == seen[1]["weights_sum"]  # the ranks stepped together
 
 
-def test_pruning_on_two_ranks_learns_what_one_process_learns_from_the_global_batch(ranks):
+@pytest.mark.parametrize("family", ["dit", "diffusers_dit"])
+def test_pruning_on_two_ranks_learns_what_one_process_learns_from_the_global_batch(ranks, family):
     # The loader deals one order out over the ranks and every draw (times, noise, label drops, gate masks) is
     # made for the global batch, each rank taking its samples' rows: only float summation order differs.
+    if family == "diffusers_dit":
+        pytest.importorskip("diffusers")
     out, _ = ranks
-    two_ranks = torch.load(out / "pruned_two_ranks.pt")
-    one_process = data_parallel_pruning(devices=1, batch_size=16)
-    half_batch = data_parallel_pruning(devices=1, batch_size=8)  # what one rank alone would learn
+    two_ranks = torch.load(out / f"{'pruned' if family == 'dit' else family}_two_ranks.pt")
+    one_process = data_parallel_pruning(devices=1, batch_size=16, family=family)
+    half_batch = data_parallel_pruning(devices=1, batch_size=8, family=family)  # what one rank alone would learn
 
     def largest_difference(run):
         tensors = [*zip(run["gate_logits"], two_ranks["gate_logits"], strict=True),
