@@ -20,6 +20,7 @@ from tinyfusion_pl.evaluation.fid import digits_fid
 from tinyfusion_pl.module import DiffusionModule
 from tinyfusion_pl.objectives.mar import MaskedAutoregressive
 from tinyfusion_pl.stages.common import fit
+from tinyfusion_pl.strategies import ddp_strategy
 
 
 def append_line(path: Path, text: str) -> int:
@@ -44,7 +45,7 @@ def fit_on_digits(module: DiffusionModule, devices: int, batch_size: int, steps:
                   callbacks: list[L.Callback] = ()) -> dict[str, torch.Tensor]:
     """`steps` training steps on the digits with `devices` ranks of `batch_size` samples each, through the stages'
     fit (from the seed's fresh state); the trainable weights this rank ends with."""
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=ddp_strategy() if devices > 1 else "auto",
                         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                         callbacks=list(callbacks))
@@ -71,13 +72,13 @@ def tiny_net(family: str) -> torch.nn.Module:
 BLOCKS = {"dit": "net.blocks", "diffusers_dit": "net.model.transformer_blocks"}
 
 
-def data_parallel_pruning(devices: int, batch_size: int, family: str = "dit") -> dict:
-    """Four learnable-pruning steps (gates, LoRA, label dropout) on the digits with `devices` ranks of `batch_size`
-    samples each; what rank zero ends with: the gate logits, the trainable weights and the decision."""
+def data_parallel_pruning(devices: int, batch_size: int, family: str = "dit", weight_update: str = "lora") -> dict:
+    """Four learnable-pruning steps (gates, a weight update, label dropout) on the digits with `devices` ranks of
+    `batch_size` samples each; what rank zero ends with: the gate logits, the trainable weights and the decision."""
     L.seed_everything(0)
     module = DiffusionModule(tiny_net(family), ema_decay=None, lr=1e-3)
     mask = DifferentiableBlockMask(blocks=BLOCKS[family], pattern="1:2", plot=False)
-    trainable = fit_on_digits(module, devices, batch_size, 4, [mask, CoOptimizedWeightUpdate(method="lora")])
+    trainable = fit_on_digits(module, devices, batch_size, 4, [mask, CoOptimizedWeightUpdate(method=weight_update)])
     return {
         "gate_logits": [logits.detach().clone() for logits in mask.gates.gate_logits],
         "trainable": trainable,
@@ -138,7 +139,8 @@ def main(out: Path) -> None:
     seen["weights_finite"] = all(bool(torch.isfinite(p).all()) for p in module.net.parameters())
 
     # data-parallel pruning: two ranks of 8 samples, to compare with one process of 16 (the test runs that)
-    runs = {"pruned": data_parallel_pruning(devices=2, batch_size=8), "mar": data_parallel_mar(devices=2, batch_size=8)}
+    runs = {"pruned": data_parallel_pruning(devices=2, batch_size=8), "mar": data_parallel_mar(devices=2, batch_size=8),
+            "frozen": data_parallel_pruning(devices=2, batch_size=8, weight_update="frozen")}  # only gates train
     if importlib.util.find_spec("diffusers") is not None:  # an optional dependency
         runs["diffusers_dit"] = data_parallel_pruning(devices=2, batch_size=8, family="diffusers_dit")
     if rank == 0:

@@ -11,10 +11,27 @@ import torch
 import torch.distributed
 import torch.nn as nn
 from hydra.utils import get_class
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
 from tinyfusion_pl.families import find_family
 from tinyfusion_pl.io import atomic_folder
+
+
+class TrainsNothingAwareDDPStrategy(DDPStrategy):
+    """Lightning's DDPStrategy, except that a model none of whose parameters train stays unwrapped.
+
+    torch's DistributedDataParallel refuses such a model, yet a prune with pruning.weight_update=frozen trains only
+    the mask's gate logits, which live in the callback and average their own gradients over the ranks.
+    """
+
+    def configure_ddp(self) -> None:
+        if any(parameter.requires_grad for parameter in self.model.parameters()):
+            super().configure_ddp()
+
+
+def ddp_strategy(**kwargs: Any) -> DDPStrategy:
+    """trainer=ddp: Lightning's DDP (keyword arguments as DDPStrategy's), which also runs a model that trains nothing."""
+    return TrainsNothingAwareDDPStrategy(**kwargs)
 
 
 def family_block_classes(root: nn.Module) -> tuple[type[nn.Module], ...]:

@@ -7,6 +7,8 @@ chooses on the same teacher, and its choice is placed in that distribution. All 
 compare.seeds (teacher, pruning and recovery seed). Every finished piece is one small JSON file in the study
 folder, so a study that stops continues where it stopped; `recoverability.shard` / `num_shards` split the work
 between the jobs of a Hydra multirun (e.g. hydra/launcher=joblib), the job that completes it writes the report.
+Under data parallelism (trainer=ddp, fsdp2) every fit runs on all ranks, each rank samples its share of a model's
+images, and files are written once, by global rank zero.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tinyfusion_pl import distributed
 from tinyfusion_pl.errors import UsageError
 from tinyfusion_pl.evaluation.recoverability import CSV_COLUMNS, choice_key, write_study_outputs
 from tinyfusion_pl.evaluation.sampling import (
@@ -166,8 +169,8 @@ class Judge:
         self.objective = instantiate(cfg.objective)
         self.options = sampler_options(cfg, self.objective)
         self.decode = latent_decoder(cfg, self.device)
-        self.classifier = digits_judge(cfg)
-        self.scorer, self.fid_description = fid_scorer(cfg, self.device, self.classifier)
+        self.classifier = distributed.rank_zero_first(digits_judge, cfg)  # rank zero trains and caches it
+        self.scorer, self.fid_description = distributed.rank_zero_first(fid_scorer, cfg, self.device, self.classifier)
         self.reference = None
         if self.scorer is not None:
             reference = self._reference_images()
@@ -201,10 +204,14 @@ class Judge:
         losses = self.heldout_losses(net)
         result: dict[str, Any] = {"heldout_loss": float(np.mean(losses)), "heldout_losses": losses}
         labels = class_balanced_labels(cfg.evaluate.num_samples, family_of(net).num_classes(net))
-        samples = sample_images(net, self.objective, labels, cfg_scale=cfg.sampling.cfg_scale,
-                                batch_size=cfg.evaluate.batch_size, seed=cfg.seed, decode=self.decode,
-                                progress=cfg.sampling.progress, description="sampling", **self.options)
-        images = images_to_uint8(samples)  # (N, H, W, C)
+        # each rank samples its share (whole batches); every rank then scores all of them, so records agree
+        start, stop = distributed.share(len(labels), cfg.evaluate.batch_size)
+        images = images_to_uint8(sample_images(
+            net, self.objective, labels[start:stop], cfg_scale=cfg.sampling.cfg_scale,
+            batch_size=cfg.evaluate.batch_size, seed=cfg.seed, decode=self.decode, progress=cfg.sampling.progress,
+            description="sampling", first_index=start, **self.options,
+        )) if stop > start else None
+        images = distributed.gather_shares(images)  # (N, H, W, C)
         if self.scorer is not None:
             features = self.scorer.features(images).numpy()
             result["fid"] = fid_from_features(features, *self.reference)
@@ -238,7 +245,7 @@ def measure_teacher(cfg: DictConfig, judge: Judge, folder: Path) -> dict[str, An
         start = time.perf_counter()
         record = {"settings": fingerprint, "teacher": cfg.teacher.checkpoint,
                   **judge.measure(load_model(cfg, cfg.teacher.checkpoint)), "seconds": time.perf_counter() - start}
-        save_json(record, path)
+        distributed.on_rank_zero(save_json, record, path)
     return record
 
 
@@ -265,12 +272,18 @@ def measure_choice(cfg: DictConfig, judge: Judge, folder: Path, kept_blocks: lis
               **measures, "recover_steps": recovered["steps"], "nonfinite_steps": recovered["nonfinite_steps"],
               "seconds": {"prune": prune_seconds, "recover": recover_seconds,
                           "measure": time.perf_counter() - start - prune_seconds - recover_seconds}}
-    if not cfg.recoverability.keep_checkpoints:  # the record holds what the study needs; 70 models add up
+    distributed.on_rank_zero(finish_choice, cfg, record, path, run_dir)
+    return record
+
+
+def finish_choice(cfg: DictConfig, record: dict[str, Any], path: Path, run_dir: Path) -> None:
+    """Write a choice's record; drop its checkpoints unless asked to keep them (the record holds what the study needs,
+    and 70 models add up)."""
+    if not cfg.recoverability.keep_checkpoints:
         pruned_path = run_dir / "prune" / pruned_checkpoint_name(run_dir / "prune")
         for checkpoint in (pruned_path, run_dir / "recover" / "model.pt"):
             shutil.rmtree(checkpoint) if checkpoint.is_dir() else checkpoint.unlink(missing_ok=True)
     save_json(record, path)
-    return record
 
 
 def run_selector(cfg: DictConfig, folder: Path, name: str, changes: DictConfig) -> dict[str, Any]:
@@ -287,7 +300,7 @@ def run_selector(cfg: DictConfig, folder: Path, name: str, changes: DictConfig) 
     record = {"settings": fingerprint, "selector": name, "kept_blocks": pruned["kept_blocks"],
               "calibration_loss": pruned["calibration_loss"], "groups": decision["groups"],
               "seconds": time.perf_counter() - start}
-    save_json(record, path)
+    distributed.on_rank_zero(save_json, record, path)
     return record
 
 
@@ -317,9 +330,9 @@ def run_recoverability(cfg: DictConfig) -> dict[str, Any]:
                              "see conf/experiment/recoverability.yaml for the form.")
     choices, total, groups = ground_truth(cfg, settings)
     study_dir, shard, num_shards = settings["study_dir"], settings["shard"], settings["num_shards"]
-    print(f"Recoverability study in {study_dir}: {len(choices)} of {total} admissible kept-sets, "
-          f"{len(cfg.compare.selectors)} selectors, seeds {settings['seeds']}"
-          + (f", shard {shard} of {num_shards}" if num_shards > 1 else ""))
+    distributed.on_rank_zero(print, f"Recoverability study in {study_dir}: {len(choices)} of {total} admissible "
+                             f"kept-sets, {len(cfg.compare.selectors)} selectors, seeds {settings['seeds']}"
+                             + (f", shard {shard} of {num_shards}" if num_shards > 1 else ""))
     work: list[tuple[int, str, Any]] = [(seed, kind, item) for seed in settings["seeds"]
                                         for kind, items in (("teacher", [None]), ("choice", choices),
                                                             ("selector", list(cfg.compare.selectors)))
@@ -345,10 +358,12 @@ def run_recoverability(cfg: DictConfig) -> dict[str, Any]:
             measure_choice(seed_cfg, judge, folder, item)
         else:
             run_selector(seed_cfg, folder, item, cfg.compare.selectors[item])
-    missing = [piece for piece in work if not piece_path(study_dir / f"seed_{piece[0]}", *piece[1:]).is_file()]
+    missing = distributed.on_rank_zero(  # rank zero wrote the pieces: it sees what is there
+        lambda: [piece for piece in work if not piece_path(study_dir / f"seed_{piece[0]}", *piece[1:]).is_file()])
     if missing:
-        print(f"Shard {shard} of {num_shards} is done; {len(missing)} pieces of the study remain in other shards. "
-              "The shard that finishes last writes the report (or run again without recoverability.shard).")
+        distributed.on_rank_zero(print, f"Shard {shard} of {num_shards} is done; {len(missing)} pieces of the study "
+                                 "remain in other shards. The shard that finishes last writes the report (or run again "
+                                 "without recoverability.shard).")
         return {"remaining": len(missing)}
     seeds: dict[int, dict[str, Any]] = {}
     for seed in settings["seeds"]:
@@ -370,6 +385,10 @@ def run_recoverability(cfg: DictConfig) -> dict[str, Any]:
         "recover_steps": cfg.recover.max_steps, "distill": cfg.distill.method, "num_samples": cfg.evaluate.num_samples,
         "bootstrap": settings["bootstrap"], "level": settings["level"], "seconds_this_run": time.perf_counter() - started,
     }
+    return distributed.on_rank_zero(report_study, cfg, study, study_dir)
+
+
+def report_study(cfg: DictConfig, study: dict[str, Any], study_dir: Path) -> dict[str, Any]:
     result, rows, plots = write_study_outputs(study, study_dir)
     log_study(cfg, rows, plots, study_dir)
     print(f"Recoverability report: {study_dir / 'report.md'}")
