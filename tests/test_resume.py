@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The embedded default shrunk to seconds: 64 images a batch are 25 steps an epoch, so a run of 40 steps killed at
 # its first checkpoint (step 10) resumes in the middle of an epoch and crosses into the next, where validation runs.
-SHRUNK = ["+model.depth=4", "data.batch_size=64", "pretrain.max_steps=40", "pruning.max_steps=40",
+SHRUNK = ["++model.depth=4", "data.batch_size=64", "pretrain.max_steps=40", "pruning.max_steps=40",
           "recover.max_steps=40", "pruning.calibration_batches=1", "recover.calibration_batches=1",
           "sampling.samples_per_class=0", "logger=none", "++trainer.enable_progress_bar=false",
           "++trainer.check_val_every_n_epoch=1", "callbacks.checkpoint.every_n_train_steps=10"]
@@ -125,10 +125,13 @@ def test_a_prune_killed_mid_run_and_resumed_ends_as_an_uninterrupted_one(tmp_pat
     assert_same_tensors(lightning_state(uninterrupted / "pruned.pt"), lightning_state(resumed / "pruned.pt"))
 
 
-# The other architectures' embedded defaults at the same size (MAR: 2 encoder + 2 decoder blocks).
+# The other architectures' embedded defaults at the same size (MAR: 2 encoder + 2 decoder blocks; diffusers' DiT
+# and SD3 through their adapters).
 OTHER_FAMILIES = {"sit_digits": ["experiment=sit_digits"],
                   "mar_digits": ["experiment=mar_digits", "~model.depth", "++model.encoder_depth=2",
-                                 "++model.decoder_depth=2"]}
+                                 "++model.decoder_depth=2"],
+                  "diffusers_digits": ["experiment=diffusers_digits"],  # diffusers' DiT, class-conditional
+                  "diffusers_sd3_digits": ["experiment=diffusers_sd3_digits"]}  # SD3 on stand-in captions
 
 
 @pytest.mark.slow
