@@ -76,6 +76,14 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(ranks):
     assert seen[0]["weights_sum"] == seen[1]["weights_sum"]  # the ranks stepped together
 
 
+def test_a_failure_of_the_launching_rank_ends_the_ranks_it_launched():
+    # the output pipes stay open, and so the run unfinished, until rank one ends too: 300 s if nobody ends it
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "rank_failure_worker.py")], cwd=REPO,
+                            env=python_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "rank zero fails alone" in result.stderr
+    assert "rank one finished its work" not in result.stdout
+
+
 @pytest.mark.parametrize(("family", "weight_update", "run"), [("dit", "lora", "pruned"),
                                                               ("diffusers_dit", "lora", "diffusers_dit"),
                                                               ("dit", "frozen", "frozen")])

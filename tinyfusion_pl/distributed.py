@@ -39,6 +39,18 @@ def start_processes(accelerator: str, devices: int | str | list[int], num_nodes:
     return _strategy
 
 
+def stop_launched_ranks() -> None:
+    """Kill the ranks this process launched (Lightning re-ran the script for them), when this one fails alone.
+
+    Without it they would wait in their next collective for the process group's timeout (NCCL: minutes; gloo
+    notices the closed connection at once). Ranks that torchrun or SLURM started are ended by them instead.
+    """
+    launcher = getattr(_strategy, "launcher", None)
+    for process in getattr(launcher, "procs", []):
+        if process.poll() is None:
+            process.kill()
+
+
 def strategy() -> Strategy | None:
     """The strategy of the launched processes while their process group lives, else None (one process)."""
     if _strategy is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
