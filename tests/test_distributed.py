@@ -169,6 +169,32 @@ def test_the_pipeline_under_ddp_writes_one_folder_once_and_evaluates_like_one_pr
         assert metrics[name]["conditional_accuracy"] == pytest.approx(alone[name]["conditional_accuracy"])
 
 
+# every other family's embedded default, shrunk by experiment=smoke (MAR: 2 encoder + 2 decoder blocks)
+FAMILY_EXPERIMENTS = {"sit": ["experiment=[sit_digits,smoke]"],
+                      "mar": ["experiment=[mar_digits,smoke]", "~model.depth", "++model.encoder_depth=2",
+                              "++model.decoder_depth=2"],
+                      "diffusers_dit": ["experiment=[diffusers_digits,smoke]"],
+                      "diffusers_sd3": ["experiment=[diffusers_sd3_digits,smoke]"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILY_EXPERIMENTS))
+def test_every_family_runs_the_whole_pipeline_under_ddp_and_reports_once(tmp_path, family):
+    if family.startswith("diffusers"):
+        pytest.importorskip("diffusers")
+    run_dir = tmp_path / "run"
+    result = train(tmp_path, tmp_path / "cache", *FAMILY_EXPERIMENTS[family], *SMOKE_DDP[1:-1], "logger=none",
+                   f"hydra.run.dir={run_dir}")
+    assert result.stdout.count("Report: ") == 1
+    assert (run_dir / "train_ddp_process_1.log").is_file()  # rank 1 ran, in the same folder
+    decision = json.loads((run_dir / "prune" / "decision.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["kept_blocks"] == decision["kept_blocks"] and metrics["pruned"]["fid"] is not None
+    for stage in ("pretrain", "prune", "recover"):
+        assert json.loads((run_dir / stage / "manifest.json").read_text())["complete"], stage
+    assert not list(run_dir.rglob(".*.partial-*"))
+
+
 @pytest.mark.slow
 def test_a_ddp_prune_through_train_py_exports_what_one_process_with_the_global_batch_exports(tmp_path):
     cache, runs = tmp_path / "cache", {}
