@@ -178,13 +178,16 @@ FAMILY_EXPERIMENTS = {"sit": ["experiment=[sit_digits,smoke]"],
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("family", sorted(FAMILY_EXPERIMENTS))
-def test_every_family_runs_the_whole_pipeline_under_ddp_and_reports_once(tmp_path, family):
+def test_every_family_runs_the_whole_pipeline_on_two_ranks_and_reports_once(tmp_path, family, strategy):
+    # fsdp2: MAR's objective calls the net's methods and its head besides forward (the family names them, so that
+    # they gather the sharded weights); the EMA update runs on sharded weights and whole buffers alike
     if family.startswith("diffusers"):
         pytest.importorskip("diffusers")
     run_dir = tmp_path / "run"
     result = train(tmp_path, tmp_path / "cache", *FAMILY_EXPERIMENTS[family], *SMOKE_DDP[1:-1], "logger=none",
-                   f"hydra.run.dir={run_dir}")
+                   f"trainer={strategy}", f"hydra.run.dir={run_dir}")
     assert result.stdout.count("Report: ") == 1
     assert (run_dir / "train_ddp_process_1.log").is_file()  # rank 1 ran, in the same folder
     decision = json.loads((run_dir / "prune" / "decision.json").read_text())
@@ -247,15 +250,18 @@ def test_fsdp2_prunes_with_lora_on_two_ranks_and_exports_what_one_process_export
 
 
 @pytest.mark.slow
-def test_fsdp2_prunes_with_full_weight_updates_as_one_process_with_the_global_batch(tmp_path):
+@pytest.mark.parametrize("family", ["dit", "mar"])
+def test_fsdp2_prunes_with_full_weight_updates_as_one_process_with_the_global_batch(tmp_path, family):
     # weight_update=full: every sharded weight trains beside the whole gate logits (mixed trainable and frozen
-    # parameters: the embedders stay frozen); the gates must follow the trajectory of one process.
+    # parameters: the embedders stay frozen); the gates must follow the trajectory of one process. MAR's objective
+    # runs the sharded net through its methods and its head besides forward.
     cache, runs = tmp_path / "cache", {}
+    experiment = ["experiment=smoke"] if family == "dit" else FAMILY_EXPERIMENTS[family]
     for name, overrides in (("fsdp2", ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2",
                                        "trainer.precision=32-true", "data.batch_size=32"]),
                             ("one", ["data.batch_size=64"])):
         runs[name] = tmp_path / name
-        train(tmp_path, cache, "experiment=smoke", "stage=prune", "pruning.weight_update=full",
+        train(tmp_path, cache, *experiment, "stage=prune", "pruning.weight_update=full",
               "pruning.max_steps=20", "trainer.enable_progress_bar=false", f"hydra.run.dir={runs[name]}", *overrides)
     sharded, alone = (json.loads((runs[name] / "prune" / "decision.json").read_text()) for name in ("fsdp2", "one"))
     assert sharded["kept_blocks"] == alone["kept_blocks"]
@@ -264,6 +270,26 @@ def test_fsdp2_prunes_with_full_weight_updates_as_one_process_with_the_global_ba
         [entry["chosen_options"] for entry in alone["history"]]
     np.testing.assert_allclose([entry["confidences"] for entry in sharded["history"]],
                                [entry["confidences"] for entry in alone["history"]], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp2_pretrains_diffusers_dit_with_its_shared_embedder_as_one_process_with_the_global_batch(tmp_path):
+    # every block of diffusers' DiT calls one shared embedder: a shard unit of its own, trained like the rest
+    pytest.importorskip("diffusers")
+    weights = {}
+    for name, overrides in (("fsdp2", ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2",
+                                       "trainer.precision=32-true", "data.batch_size=32"]),
+                            ("one", ["data.batch_size=64"])):
+        train(tmp_path, tmp_path / f"cache_{name}", *FAMILY_EXPERIMENTS["diffusers_dit"], "stage=pretrain",
+              "trainer.enable_progress_bar=false", "logger=none", f"hydra.run.dir={tmp_path / name}", *overrides)
+        weights[name] = torch.load(tmp_path / name / "pretrain" / "model.pt", map_location="cpu", weights_only=True)
+    shared = "model.transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.weight"
+    for part in ("model", "ema"):
+        sharded, alone = weights["fsdp2"][part], weights["one"][part]
+        assert sharded.keys() == alone.keys() and shared in sharded
+        assert max(float((sharded[key] - alone[key]).abs().max()) for key in sharded) < 1e-4, part
+    model, ema = weights["one"]["model"], weights["one"]["ema"]
+    assert float((model[shared] - ema[shared]).abs().max()) > 1e-5  # it trained (the EMA lags behind)
 
 
 @pytest.mark.slow

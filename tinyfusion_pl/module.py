@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from tinyfusion_pl.distributed import data_parallel_share
@@ -21,6 +22,20 @@ from tinyfusion_pl.objectives import DiffusionObjective, GaussianDiffusion, spli
 LR_SCHEDULES = ("constant", "cosine")
 # Steps after which a run that skips most of its steps as non-finite is stopped (shorter runs: at their end).
 NONFINITE_JUDGED_AFTER = 10
+
+
+def ema_update(decay: float) -> Any:
+    """torch's EMA update over lists of tensors, run separately on FSDP2's sharded weights (DTensors) and on the
+    tensors it leaves whole (buffers such as position tables): one foreach call cannot mix the two."""
+    update = get_ema_multi_avg_fn(decay)
+
+    def update_each_kind(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
+        for sharded in (True, False):
+            pairs = [(a, c) for a, c in zip(averaged, current, strict=True) if isinstance(a, DTensor) == sharded]
+            if pairs:
+                update([a for a, _ in pairs], [c for _, c in pairs], num_averaged)
+
+    return update_each_kind
 
 
 def load_weights(net: nn.Module, checkpoint: str | dict, prefer: str = "ema") -> None:
@@ -77,7 +92,7 @@ class DiffusionModule(L.LightningModule):
             load_weights(self.net, init_checkpoint, prefer=init_from)
         self.ema: AveragedModel | None = None
         if ema_decay is not None:
-            self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            self.ema = AveragedModel(self.net, multi_avg_fn=ema_update(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
         self.nonfinite_steps = 0
         self.attempted_steps = 0

@@ -146,18 +146,49 @@ def fsdp2_strategy(**kwargs) -> FSDP2Strategy:
 
 
 def shard_family_blocks(root: nn.Module, mesh: torch.distributed.device_mesh.DeviceMesh) -> None:
-    """FSDP2 (`fully_shard`) on every block of every model under `root` that a family describes, then on `root`.
+    """FSDP2 (`fully_shard`) on every block of every model under `root` that a family describes, on the submodules
+    its objective calls on their own, then on `root`; the methods the objective calls on a sharded model gather its
+    weights as its forward does.
 
     A block is one shard unit whatever its parameters need: frozen bases and trainable adapters (LoRA) sit in
     the same unit, as FSDP2 shards each parameter on its own.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    blocks = [block for module in root.modules() if (family := find_family(module)) is not None
-              for path in family.blocks for block in module.get_submodule(path)]
+    described = [(module, family) for module in root.modules() if (family := find_family(module)) is not None]
+    blocks = [block for module, family in described for path in family.blocks for block in module.get_submodule(path)]
     if not blocks:
         raise ValueError(f"no model family describes a model inside {type(root).__name__}, so FSDP2 cannot tell its "
                          "blocks: describe it (tinyfusion_pl.families) or use trainer=ddp.")
-    for block in blocks:
-        fully_shard(block, mesh=mesh)
+    called = [module.get_submodule(path) for module, family in described for path in family.called_submodules]
+    units: dict[int, nn.Module] = {}  # an adapter and the model it wraps describe the same blocks: shard them once
+    for unit in [*shared_by_blocks(blocks), *blocks, *called]:
+        units.setdefault(id(unit), unit)
+    for unit in units.values():
+        fully_shard(unit, mesh=mesh)
     fully_shard(root, mesh=mesh)
+    for module, family in described:
+        for method in family.called_methods:
+            register_fsdp_forward_method(module, method)  # a no-op on a module that is no shard unit
+
+
+def shared_by_blocks(blocks: list[nn.Module]) -> list[nn.Module]:
+    """The outermost submodules that several blocks hold (the embedder every block of diffusers' DiT shares).
+
+    A parameter can belong to one shard unit only, so such a module becomes a unit of its own, sharded before the
+    blocks that call it.
+    """
+    holders: dict[int, set[int]] = {}
+    for block in {id(block): block for block in blocks}.values():
+        for module in block.modules():
+            if module is not block:
+                holders.setdefault(id(module), set()).add(id(block))
+    shared, inside_shared = {}, set()
+    for block in blocks:
+        for name, module in block.named_modules():
+            if not name or any(name.startswith(prefix) for prefix in inside_shared) or len(holders[id(module)]) < 2:
+                continue
+            shared.setdefault(id(module), module)
+            inside_shared.add(name + ".")
+        inside_shared.clear()
+    return list(shared.values())

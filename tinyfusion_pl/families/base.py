@@ -59,6 +59,11 @@ class ModelFamily:
     # The Linear layers of a block that the LoRA weight update adapts when the user names none (names or dotted
     # name endings, as CoOptimizedWeightUpdate's `target`); None: every Linear of the blocks, the paper's choice.
     lora_target: ClassVar[tuple[str, ...] | None] = None
+    # Where an objective runs the net other than through forward (MAR's does): the methods it calls on the net and
+    # the submodules it calls on their own. Sharding (FSDP2) gathers a unit's weights only around its forward, so
+    # these methods get the net's gathering too and these submodules are shard units of their own.
+    called_methods: ClassVar[tuple[str, ...]] = ()
+    called_submodules: ClassVar[tuple[str, ...]] = ()
 
     def describes(self, cls: type) -> bool:
         """Whether instances of exactly `cls` are this family's models."""

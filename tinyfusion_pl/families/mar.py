@@ -30,6 +30,8 @@ class MARFamily(ModelFamily):
     label_argument = "y"
     label_drop_argument = "force_drop_ids"
     own_objective = "mar"
+    called_methods = ("class_embedding", "forward_mae")  # the objective's calls (objectives/mar.py)
+    called_submodules = ("diffloss.net",)
 
     def architecture(self, net: nn.Module) -> dict[str, Any]:
         return net.architecture()
