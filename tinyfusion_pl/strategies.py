@@ -1,4 +1,5 @@
-"""Strategy factories that Hydra configs can name (YAML cannot spell a set of module classes)."""
+"""Strategies for the `trainer` group: factories Hydra configs can name (YAML cannot spell a set of module classes),
+Lightning's DDP and FSDP2 strategies with what this project needs of them, and FSDP2's shard units per family."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tinyfusion_pl.families import find_family
 from tinyfusion_pl.io import atomic_folder
 
 
-class TrainsNothingAwareDDPStrategy(DDPStrategy):
+class FrozenModelDDPStrategy(DDPStrategy):
     """Lightning's DDPStrategy, except that a model none of whose parameters train stays unwrapped.
 
     torch's DistributedDataParallel refuses such a model, yet a prune with pruning.weight_update=frozen trains only
@@ -31,7 +32,7 @@ class TrainsNothingAwareDDPStrategy(DDPStrategy):
 
 def ddp_strategy(**kwargs: Any) -> DDPStrategy:
     """trainer=ddp: Lightning's DDP (keyword arguments as DDPStrategy's), which also runs a model that trains nothing."""
-    return TrainsNothingAwareDDPStrategy(**kwargs)
+    return FrozenModelDDPStrategy(**kwargs)
 
 
 def family_block_classes(root: nn.Module) -> tuple[type[nn.Module], ...]:
