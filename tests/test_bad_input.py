@@ -70,9 +70,11 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     for name in ("pruned.pt", "decision.json"):
         (half / name).write_bytes((pruned / "prune" / name).read_bytes())
     (half / "manifest.json").write_text('{"stage": "prune", "complete": false, "files": {}}')
+    (root / "sharded" / "last.ckpt").mkdir(parents=True)  # what trainer=fsdp2 writes: a folder of shards
     return {"root": str(root), "teacher": str(root / "teacher.pt"), "pruned": str(pruned / "prune"),
             **{path.stem if path.is_file() else path.name: str(path) for path in root.iterdir()},
-            "broken_decision": str(broken), "half_written": str(half), "pruned_files": ",".join(sorted(contents(pruned / "prune")))}
+            "broken_decision": str(broken), "half_written": str(half),
+            "sharded_checkpoint": str(root / "sharded" / "last.ckpt"), "pruned_files": ",".join(sorted(contents(pruned / "prune")))}
 
 
 LATENTS = ["stage=pretrain", "data=latents", "model.input_size=8", "data.num_classes=10", "data.num_workers=0", "data.batch_size=2",
@@ -135,6 +137,9 @@ ROWS = [
      r"is not a Lightning checkpoint .*use teacher.checkpoint or pretrain.module.init_checkpoint"),
     ("resume_from=auto with nothing to resume", ["stage=pretrain", "pretrain.resume_from=auto"],
      r"pretrain.resume_from=auto found no checkpoint in .*hydra.run.dir=<the run folder>"),
+    ("resuming fsdp2's sharded checkpoint under another trainer",
+     ["stage=pretrain", "pretrain.resume_from={sharded_checkpoint}"],
+     r"is a folder of shards that trainer=fsdp2 writes, and this run's trainer reads the other kind\. Resume with"),
     ("evaluate without prune", ["stage=evaluate"],
      r"holds neither recover/model.pt nor prune/pruned.pt.*evaluate.models=\[teacher\]"),
     ("an unknown distillation method", [*RECOVER, "distill.method=logits"], r"distill.method='logits' is not one of"),

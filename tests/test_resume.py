@@ -316,13 +316,21 @@ def test_a_checkpoint_of_another_stage_or_no_checkpoint_at_all_is_refused(tmp_pa
     with pytest.raises(ValueError, match=r"cut.ckpt cannot be read as a checkpoint .*drop pretrain.resume_from"):
         run_stage(tiny(tmp_path, cache_dir, "stage=pretrain", f"pretrain.resume_from={cut}"))
     # a sharded checkpoint (trainer=fsdp2) is a folder whose meta.pt holds the record; without it, it is not whole
+    fsdp2 = ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true"]
     sharded = tmp_path / "sharded.ckpt"
     sharded.mkdir()
     with pytest.raises(ValueError, match=r"sharded.ckpt is a folder without meta.pt, so not a whole sharded checkpoint"):
-        run_stage(tiny(tmp_path, cache_dir, "stage=pretrain", f"pretrain.resume_from={sharded}"))
+        run_stage(tiny(tmp_path, cache_dir, "stage=pretrain", *fsdp2, f"pretrain.resume_from={sharded}"))
     (sharded / "meta.pt").write_bytes((checkpoints / "last.ckpt").read_bytes())  # all but the shards
     with pytest.raises(ValueError, match=rf"pruning.resume_from={sharded} is a checkpoint of stage=pretrain, not"):
-        run_stage(tiny(tmp_path, cache_dir, "stage=prune", f"pruning.resume_from={sharded}"))
+        run_stage(tiny(tmp_path, cache_dir, "stage=prune", *fsdp2, f"pruning.resume_from={sharded}"))
+    # each kind resumes only under the trainer that writes it
+    with pytest.raises(ValueError, match=rf"resume_from={sharded} is a folder of shards that trainer=fsdp2 writes, and "
+                                         r"this run's trainer reads the other kind\. Resume with the trainer"):
+        run_stage(tiny(tmp_path, cache_dir, "stage=pretrain", f"pretrain.resume_from={sharded}"))
+    with pytest.raises(ValueError, match=r"last.ckpt is one file, not trainer=fsdp2's shards, and this run's trainer"):
+        run_stage(tiny(tmp_path, cache_dir, "stage=pretrain", *fsdp2,
+                       f"pretrain.resume_from={checkpoints / 'last.ckpt'}"))
 
 
 def test_recover_refuses_a_prune_output_half_rewritten_by_a_killed_run_and_clears_its_strays(

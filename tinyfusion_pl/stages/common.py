@@ -77,8 +77,7 @@ def start_processes(cfg: DictConfig) -> None:
     srun started apart may have stamped their own folders with another second).
     """
     trainer = cfg.trainer
-    strategy = trainer.get("strategy")
-    target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
+    target = strategy_target(trainer)
     if "fsdp_strategy" in target or target.endswith("FSDPStrategy") or target == "fsdp":
         if trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
             raise UsageError(
@@ -94,6 +93,18 @@ def start_processes(cfg: DictConfig) -> None:
                                             trainer.get("num_nodes", 1))
     if processes is not None:
         cfg.paths.run_dir = processes.broadcast(str(cfg.paths.run_dir), src=0)
+
+
+def strategy_target(trainer: DictConfig) -> str:
+    """What `trainer.strategy` names: a registered name (ddp) or a class or factory path."""
+    strategy = trainer.get("strategy")
+    return strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
+
+
+def writes_sharded_checkpoints(trainer: DictConfig) -> bool:
+    """Whether the `trainer` config saves folders of shards (trainer=fsdp2, unless told to gather one file)."""
+    strategy = trainer.get("strategy")
+    return "fsdp2_strategy" in strategy_target(trainer) and strategy.get("save_distributed_checkpoint", True)
 
 
 def name_the_sweep_folder() -> None:
@@ -224,6 +235,10 @@ def resume_checkpoint(cfg: DictConfig, stage: str, option: str, inputs: dict[str
         if not path.exists():
             raise MissingInputError(f"{option}={path} does not exist. Pass a checkpoint from <run>/{stage}/"
                                     f"{CHECKPOINT_FOLDER}/ (last.ckpt), or {option}=auto with hydra.run.dir=<the run folder>.")
+    if path.is_dir() != writes_sharded_checkpoints(cfg.trainer):
+        written = "a folder of shards that trainer=fsdp2 writes" if path.is_dir() else "one file, not trainer=fsdp2's shards"
+        raise UsageError(f"{option}={path} is {written}, and this run's trainer reads the other kind. Resume with the "
+                         f"trainer the checkpoint was written with, or drop {option} to start at step 0.")
     record = checkpoint_record(path, option)
     if record is not None and record.get("stage") != stage:
         raise UsageError(
