@@ -9,6 +9,7 @@ error there stops every rank instead of leaving them waiting. A single process r
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -36,7 +37,15 @@ def start_processes(accelerator: str, devices: int | str | list[int], num_nodes:
         return None
     fabric.launch()
     _strategy = fabric.strategy
+    atexit.register(_end_process_group)
     return _strategy
+
+
+def _end_process_group() -> None:
+    """Destroy the process group while the interpreter is whole: gloo's worker threads, left to the interpreter's
+    own teardown, can abort the process at exit ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def stop_launched_ranks() -> None:
