@@ -35,8 +35,10 @@ from tinyfusion_pl.stages.common import (
     instantiate_group,
     model_blueprint,
     model_family,
+    names_fsdp,
     resolve_teacher_checkpoint,
     sampler_options,
+    strategy_target,
 )
 from tinyfusion_pl.stages.prune import learnable_callbacks
 
@@ -179,7 +181,7 @@ def check_trainer(cfg: DictConfig) -> None:
             instantiate(cfg.callbacks[name])
         except InstantiationException as error:
             raise UsageError(f"callbacks.{name} cannot be built: {error.__cause__ or error}") from error
-    if "fsdp_strategy" in describe_strategy(cfg.trainer.get("strategy")) and not torch.cuda.is_available():
+    if names_fsdp(cfg.trainer) and not torch.cuda.is_available():
         return  # start_processes refuses it next, naming trainer=fsdp2 and ddp for CPUs
     with quiet_lightning():
         try:
@@ -188,16 +190,12 @@ def check_trainer(cfg: DictConfig) -> None:
             reason = error.__cause__ or error
             raise UsageError(
                 f"trainer (accelerator={cfg.trainer.get('accelerator')}, devices={cfg.trainer.get('devices')}, "
-                f"strategy={describe_strategy(cfg.trainer.get('strategy'))}, precision={cfg.trainer.get('precision')}) "
+                f"strategy={strategy_target(cfg.trainer).rsplit('.', 1)[-1] or '?'}, "
+                f"precision={cfg.trainer.get('precision')}) "
                 f"cannot run on this machine: {reason} Pick settings this machine has: trainer=cpu, or "
                 "trainer=ddp trainer.accelerator=cpu trainer.devices=2 (trainer=gpu and trainer=fsdp need CUDA GPUs)."
             ) from error
 
-
-def describe_strategy(strategy: Any) -> str:
-    if isinstance(strategy, DictConfig):
-        return str(strategy.get("_target_", "?")).rsplit(".", 1)[-1]
-    return str(strategy)
 
 
 class RunFolderCheck(Callback):

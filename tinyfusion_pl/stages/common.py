@@ -78,7 +78,7 @@ def start_processes(cfg: DictConfig) -> None:
     """
     trainer = cfg.trainer
     target = strategy_target(trainer)
-    if "fsdp_strategy" in target or target.endswith("FSDPStrategy") or target == "fsdp":
+    if names_fsdp(trainer):
         if trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
             raise UsageError(
                 "trainer=fsdp (Lightning's FSDPStrategy) needs CUDA GPUs, and this machine has none. On CPUs shard "
@@ -99,6 +99,12 @@ def strategy_target(trainer: DictConfig) -> str:
     """What `trainer.strategy` names: a registered name (ddp) or a class or factory path."""
     strategy = trainer.get("strategy")
     return strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
+
+
+def names_fsdp(trainer: DictConfig) -> bool:
+    """Whether `trainer.strategy` is Lightning's FSDPStrategy (trainer=fsdp), which needs CUDA GPUs."""
+    target = strategy_target(trainer)
+    return "fsdp_strategy" in target or target.endswith("FSDPStrategy") or target == "fsdp"
 
 
 def writes_sharded_checkpoints(trainer: DictConfig) -> bool:
