@@ -220,15 +220,8 @@ def evaluate_nets(
     for name, net in nets.items():
         num_classes = family_of(net).num_classes(net)
         labels = class_balanced_labels(settings.num_samples, num_classes)
-        # Each rank samples its share of the images, in whole sampling batches: the union is what one process
-        # samples. FID and accuracy gather the ranks' statistics through torchmetrics' sync.
-        start, stop = distributed.share(len(labels), settings.batch_size)
-        images = images_to_uint8(sample_images(
-            net, objective, labels[start:stop], cfg_scale=sampling.cfg_scale, batch_size=settings.batch_size,
-            seed=cfg.seed, decode=decode, progress=sampling.progress, description=f"sampling {name}",
-            first_index=start, **options,
-        )) if stop > start else None  # (n, H, W, C), the form every score and file uses
-        images = distributed.gather_shares(images)  # every image, in order, on every rank
+        # FID and accuracy gather the ranks' statistics of their shares through torchmetrics' sync.
+        images, (start, stop) = sample_on_ranks(cfg, net, objective, labels, decode, f"sampling {name}", options)
         result: dict[str, Any] = {"fid": None if scorer is None else scorer.score(images[start:stop])}
         if classifier is not None:
             result["conditional_accuracy"] = shared_accuracy(classifier, images[start:stop], labels[start:stop])
@@ -255,6 +248,24 @@ def evaluate_nets(
 
 
 @torch.no_grad()
+def sample_on_ranks(
+    cfg: DictConfig, net: nn.Module, objective: Any, labels: torch.Tensor, decode: Any, description: str,
+    options: dict[str, Any],
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Every image for `labels` (N, H, W, C uint8) on every rank, and this rank's share [start, stop) of them.
+
+    Each rank samples its share in whole sampling batches (evaluate.batch_size): the union is what one process
+    samples, in order.
+    """
+    start, stop = distributed.share(len(labels), cfg.evaluate.batch_size)
+    images = images_to_uint8(sample_images(
+        net, objective, labels[start:stop], cfg_scale=cfg.sampling.cfg_scale, batch_size=cfg.evaluate.batch_size,
+        seed=cfg.seed, decode=decode, progress=cfg.sampling.progress, description=description, first_index=start,
+        **options,
+    )) if stop > start else None  # (n, H, W, C), the form every score and file uses
+    return distributed.gather_shares(images), (start, stop)
+
+
 def shared_accuracy(classifier: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Conditional accuracy of this rank's share of the samples, averaged over every rank's (torchmetrics' sync)."""
     device = next(classifier.parameters()).device

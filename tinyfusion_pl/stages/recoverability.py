@@ -31,7 +31,6 @@ from tinyfusion_pl.evaluation.recoverability import CSV_COLUMNS, choice_key, wri
 from tinyfusion_pl.evaluation.sampling import (
     class_balanced_labels,
     images_to_uint8,
-    sample_images,
     uint8_to_images,
 )
 from tinyfusion_pl.evaluation.statistics import fid_from_features, fid_replicates, gaussian_statistics
@@ -62,6 +61,7 @@ from tinyfusion_pl.stages.evaluate import (
     evaluation_device,
     fid_scorer,
     latent_decoder,
+    sample_on_ranks,
 )
 from tinyfusion_pl.stages.prune import BASELINE_SELECTORS, run_prune
 from tinyfusion_pl.stages.recover import run_recover
@@ -204,14 +204,8 @@ class Judge:
         losses = self.heldout_losses(net)
         result: dict[str, Any] = {"heldout_loss": float(np.mean(losses)), "heldout_losses": losses}
         labels = class_balanced_labels(cfg.evaluate.num_samples, family_of(net).num_classes(net))
-        # each rank samples its share (whole batches); every rank then scores all of them, so records agree
-        start, stop = distributed.share(len(labels), cfg.evaluate.batch_size)
-        images = images_to_uint8(sample_images(
-            net, self.objective, labels[start:stop], cfg_scale=cfg.sampling.cfg_scale,
-            batch_size=cfg.evaluate.batch_size, seed=cfg.seed, decode=self.decode, progress=cfg.sampling.progress,
-            description="sampling", first_index=start, **self.options,
-        )) if stop > start else None
-        images = distributed.gather_shares(images)  # (N, H, W, C)
+        # every rank scores all the samples the ranks shared out, so every rank's record is the same
+        images, _ = sample_on_ranks(cfg, net, self.objective, labels, self.decode, "sampling", self.options)
         if self.scorer is not None:
             features = self.scorer.features(images).numpy()
             result["fid"] = fid_from_features(features, *self.reference)
