@@ -98,6 +98,7 @@ class DiffusionModule(L.LightningModule):
         self.attempted_steps = 0
         self._skipping_step = False
         self._last_step_time: float | None = None
+        self.sample_losses: torch.Tensor | None = None  # the last training batch's (B,) per-sample losses
 
     # ------------------------------------------------------------------ training
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
@@ -140,6 +141,7 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         terms = self.diffusion_terms(batch)
+        self.sample_losses = terms["loss"].detach()  # (B,): what DifferentiableBlockMask's score_function reads
         loss = terms["loss"].mean()
         self.log_terms("train", terms, batch_size=len(terms["loss"]))
         self.log_throughput(len(terms["loss"]))

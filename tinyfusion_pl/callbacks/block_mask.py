@@ -39,6 +39,7 @@ from tinyfusion_pl.pruning.gates import BlockGates, Schedule, linear_schedule
 from tinyfusion_pl.pruning.patterns import BlockPattern, Group, required_blocks_problem
 
 DYNAMICS_FILENAME = "decision_dynamics.png"
+ESTIMATORS = ("straight_through", "score_function")
 
 
 def _check_schedule(name: str, value: object) -> tuple[Schedule | None, str | None]:
@@ -70,6 +71,14 @@ def _to_optimizer_state(value: Any, key: str, parameter: torch.Tensor, group: di
     if key == "step" and not (group.get("capturable") or group.get("fused")):
         return value.clone()  # a CPU scalar unless the optimizer keeps it on the parameter's device
     return value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
+
+
+def _describe_losses(losses: Any, last_taken: torch.Tensor | None) -> str:
+    if losses is None:
+        return "no sample_losses attribute"
+    if losses is last_taken:
+        return "the previous batch's sample_losses again"
+    return f"sample_losses of shape {tuple(losses.shape)}" if torch.is_tensor(losses) else f"sample_losses={losses!r}"
 
 
 def _extend_scheduler_to_new_group(scheduler: Any, optimizer: torch.optim.Optimizer, lr_multiplier: float) -> None:
@@ -139,6 +148,13 @@ class DifferentiableBlockMask(Callback):
             Each draw is seeded from (seed, draw count), so a resumed run draws the same noise.
         plot: at the end of fit, write ``decision_dynamics.png`` in the run folder and log it as an image.
         log_every_n_steps: steps between logged metrics and decision-history records; default the Trainer's.
+        estimator: how the gates learn from the loss. ``"straight_through"`` (the paper's): the gradient of the
+            loss through the soft probabilities, a first-order estimate of what adding or removing a block
+            does, which can misjudge blocks whose effect on the loss is far from linear in their mask.
+            ``"score_function"``: REINFORCE, unbiased for the expected loss of the drawn keep-options: every
+            sample's loss minus the batch mean, times the gradient of the log-probability of its draw. It needs
+            the LightningModule to set ``self.sample_losses`` to the (B,) per-sample losses of every training
+            batch (DiffusionModule does); tau does not act under it (the draws do not depend on it).
     """
 
     def __init__(
@@ -158,6 +174,7 @@ class DifferentiableBlockMask(Callback):
         seed: int | None = None,
         plot: bool = True,
         log_every_n_steps: int | None = None,
+        estimator: str = "straight_through",
     ) -> None:
         super().__init__()
         errors = []
@@ -197,6 +214,8 @@ class DifferentiableBlockMask(Callback):
                 errors.append(f"{name}={value!r} must be a positive integer or None (None: taken from the Trainer).")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             errors.append(f"seed={seed!r} must be a non-negative integer or None (None: torch.initial_seed()).")
+        if estimator not in ESTIMATORS:
+            errors.append(f"estimator={estimator!r} must be one of {', '.join(map(repr, ESTIMATORS))}.")
         if errors:
             raise UsageError("DifferentiableBlockMask: " + "\n".join(errors))
 
@@ -209,6 +228,7 @@ class DifferentiableBlockMask(Callback):
         self.total_steps = total_steps
         self.plot = plot
         self.log_every_n_steps = log_every_n_steps
+        self.estimator = estimator
         self.gates: BlockGates | None = None
         fixed = self.pattern.fixed_groups
         if fixed is not None:
@@ -227,6 +247,8 @@ class DifferentiableBlockMask(Callback):
         self._pending_optimizer_state: list[dict[str, Any]] | None = None
         self._sampling = False
         self._sample: torch.Tensor | None = None
+        self._choices: list[torch.Tensor] | None = None  # score_function: this batch's per-group picks (B,)
+        self._scored_losses: torch.Tensor | None = None  # the module's last per-sample losses taken
         self._kept_mask: list[bool] | None = None
         self._run_steps: int | None = None
         self._record_every = 1
@@ -379,6 +401,31 @@ class DifferentiableBlockMask(Callback):
         self._step_at_batch_start = trainer.global_step
         self._sampling = True
         self._sample = None
+        self._choices = None
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.estimator != "score_function" or self._choices is None:
+            return
+        losses = getattr(pl_module, "sample_losses", None)
+        rows = len(self._choices[0])
+        if not torch.is_tensor(losses) or losses.shape != (rows,) or losses is self._scored_losses:
+            raise UsageError(
+                f"DifferentiableBlockMask(estimator='score_function') needs the per-sample losses of every training "
+                f"batch: set self.sample_losses = <the ({rows},) loss of each sample, detached> in training_step "
+                f"(found {_describe_losses(losses, self._scored_losses)}), or use estimator='straight_through'."
+            )
+        self._scored_losses = losses
+        losses = losses.detach().float()
+        baseline = losses.mean()
+        if trainer.world_size > 1:  # the global batch's mean: ranks then estimate what one process would
+            baseline = trainer.strategy.reduce(baseline, reduce_op="mean")
+        if torch.isfinite(losses).all() and torch.isfinite(baseline):  # a non-finite step is skipped whole
+            gates = self._ready_gates()
+            gradients = gates.score_function_gradients(self._choices, losses - baseline, self.current_scaling)
+            for logits, gradient in zip(gates.gate_logits, gradients, strict=True):
+                gradient = gradient / trainer.accumulate_grad_batches  # as Lightning scales the loss
+                logits.grad = gradient if logits.grad is None else logits.grad + gradient
+        self._choices = None
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
@@ -399,6 +446,7 @@ class DifferentiableBlockMask(Callback):
     ) -> None:
         self._sampling = False
         self._sample = None
+        self._choices = None
         if trainer.global_step == self._step_at_batch_start:  # accumulating gradients: no optimizer step yet
             return
         gates = self._ready_gates()
@@ -510,6 +558,10 @@ class DifferentiableBlockMask(Callback):
         gates = self._ready_gates()
         replicas, rank = self._share
         noise = [group[rank::replicas] for group in gates.draw_noise(batch_size * replicas, generator)]
+        if self.estimator == "score_function":  # the same draws; the gates learn in on_after_backward
+            self._choices = gates.sample_choices(noise, self.current_scaling)
+            # A zero path to the gates keeps a loss that reaches no trained weight differentiable (weight_update=frozen).
+            return gates.masks_of(self._choices) + sum(logits.sum() for logits in gates.gate_logits) * 0.0
         return gates.sample_masks(noise, self.current_scaling, self.current_tau)
 
     def _add_gate_group(self, trainer: L.Trainer) -> None:

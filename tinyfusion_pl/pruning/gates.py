@@ -107,6 +107,37 @@ class BlockGates(nn.Module):
         return torch.cat(masks, dim=1)  # (B, L)
 
     @torch.no_grad()
+    def sample_choices(self, noise: Sequence[torch.Tensor], scaling: float) -> list[torch.Tensor]:
+        """Per group, (B,) the admissible option argmax(scaling * logits + noise) picks: a draw from softmax(scaling * logits).
+
+        The same options `sample_masks` picks from the same noise (its temperature shapes only gradients).
+        """
+        return [(scaling * logits + group_noise.to(logits.device)).argmax(dim=-1)
+                for logits, group_noise in zip(self.gate_logits, noise, strict=True)]
+
+    def masks_of(self, choices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Hard block masks (B, L) of per-group option picks (positions among the admissible options), no gradient."""
+        return torch.cat([table[choice] for table, choice in zip(self.option_tables, choices, strict=True)], dim=1)
+
+    @torch.no_grad()
+    def score_function_gradients(
+        self, choices: Sequence[torch.Tensor], advantages: torch.Tensor, scaling: float
+    ) -> list[torch.Tensor]:
+        """Per group, the REINFORCE estimate of d E[loss] / d logits from per-sample picks and their advantages.
+
+        With p = softmax(scaling * logits), d log p[c] / d logits = scaling * (onehot(c) - p); the estimate is
+        the mean over samples of advantage * scaling * (onehot(c) - p), the advantage being a sample's loss
+        minus a baseline that does not depend on its pick.
+        """
+        gradients = []
+        for logits, choice in zip(self.gate_logits, choices, strict=True):
+            probabilities = (scaling * logits.float()).softmax(dim=0)  # (C,)
+            picks = F.one_hot(choice, num_classes=len(logits)).to(probabilities.dtype)  # (B, C)
+            weights = advantages.to(probabilities)[:, None]  # (B, 1)
+            gradients.append((scaling * weights * (picks - probabilities)).mean(dim=0).to(logits.dtype))
+        return gradients
+
+    @torch.no_grad()
     def update_ema(self, decay: float) -> None:
         """ema <- decay * ema + (1 - decay) * logits, for every group."""
         for ema, logits in zip(self.ema_logits, self.gate_logits, strict=True):

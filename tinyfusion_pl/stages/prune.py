@@ -51,7 +51,8 @@ def learnable_callbacks(cfg: DictConfig, blocks: str | list[str]) -> tuple[Diffe
     mask = DifferentiableBlockMask(
         blocks=blocks, pattern=pattern, keep_ratio=pruning.keep_ratio, group_size=pruning.group_size,
         scaling=pruning.scaling, tau=tuple(tau) if isinstance(tau, list) else tau, lr_multiplier=pruning.gate_lr_multiplier,
-        ema_decay=pruning.gate_ema_decay, plot=False,
+        ema_decay=pruning.gate_ema_decay, estimator=pruning.get("gate_estimator") or "straight_through",
+        plot=False,
         log_every_n_steps=max(1, pruning.max_steps // 100),  # about 100 points on the dynamics figure
     )
     weight_update = CoOptimizedWeightUpdate(method=pruning.weight_update, rank=pruning.rank, alpha=pruning.alpha)
