@@ -72,12 +72,13 @@ def tiny_net(family: str) -> torch.nn.Module:
 BLOCKS = {"dit": "net.blocks", "diffusers_dit": "net.model.transformer_blocks"}
 
 
-def data_parallel_pruning(devices: int, batch_size: int, family: str = "dit", weight_update: str = "lora") -> dict:
+def data_parallel_pruning(devices: int, batch_size: int, family: str = "dit", weight_update: str = "lora",
+                          estimator: str = "straight_through") -> dict:
     """Four learnable-pruning steps (gates, a weight update, label dropout) on the digits with `devices` ranks of
     `batch_size` samples each; what rank zero ends with: the gate logits, the trainable weights and the decision."""
     L.seed_everything(0)
     module = DiffusionModule(tiny_net(family), ema_decay=None, lr=1e-3)
-    mask = DifferentiableBlockMask(blocks=BLOCKS[family], pattern="1:2", plot=False)
+    mask = DifferentiableBlockMask(blocks=BLOCKS[family], pattern="1:2", plot=False, estimator=estimator)
     trainable = fit_on_digits(module, devices, batch_size, 4, [mask, CoOptimizedWeightUpdate(method=weight_update)])
     return {
         "gate_logits": [logits.detach().clone() for logits in mask.gates.gate_logits],
@@ -140,7 +141,8 @@ def main(out: Path) -> None:
 
     # data-parallel pruning: two ranks of 8 samples, to compare with one process of 16 (the test runs that)
     runs = {"pruned": data_parallel_pruning(devices=2, batch_size=8), "mar": data_parallel_mar(devices=2, batch_size=8),
-            "frozen": data_parallel_pruning(devices=2, batch_size=8, weight_update="frozen")}  # only gates train
+            "frozen": data_parallel_pruning(devices=2, batch_size=8, weight_update="frozen"),  # only gates train
+            "score_function": data_parallel_pruning(devices=2, batch_size=8, estimator="score_function")}
     if importlib.util.find_spec("diffusers") is not None:  # an optional dependency
         runs["diffusers_dit"] = data_parallel_pruning(devices=2, batch_size=8, family="diffusers_dit")
     if rank == 0:

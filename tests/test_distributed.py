@@ -84,20 +84,25 @@ def test_a_failure_of_the_launching_rank_ends_the_ranks_it_launched():
     assert "rank one finished its work" not in result.stdout
 
 
-@pytest.mark.parametrize(("family", "weight_update", "run"), [("dit", "lora", "pruned"),
-                                                              ("diffusers_dit", "lora", "diffusers_dit"),
-                                                              ("dit", "frozen", "frozen")])
-def test_pruning_on_two_ranks_learns_what_one_process_learns_from_the_global_batch(ranks, family, weight_update, run):
+@pytest.mark.parametrize(("family", "weight_update", "estimator", "run"), [
+    ("dit", "lora", "straight_through", "pruned"),
+    ("diffusers_dit", "lora", "straight_through", "diffusers_dit"),
+    ("dit", "frozen", "straight_through", "frozen"),
+    ("dit", "lora", "score_function", "score_function"),
+])
+def test_pruning_on_two_ranks_learns_what_one_process_learns_from_the_global_batch(ranks, family, weight_update,
+                                                                                   estimator, run):
     # The loader deals one order out over the ranks and every draw (times, noise, label drops, gate masks) is
     # made for the global batch, each rank taking its samples' rows: only float summation order differs. With the
-    # weights frozen only the gates train (the model, with nothing to train, is not wrapped in DDP).
+    # weights frozen only the gates train (the model, with nothing to train, is not wrapped in DDP). The score
+    # function's baseline is the global batch's mean loss.
     if family == "diffusers_dit":
         pytest.importorskip("diffusers")
     out, _ = ranks
     two_ranks = torch.load(out / f"{run}_two_ranks.pt")
-    one_process = data_parallel_pruning(devices=1, batch_size=16, family=family, weight_update=weight_update)
-    half_batch = data_parallel_pruning(devices=1, batch_size=8, family=family,  # what one rank alone would learn
-                                       weight_update=weight_update)
+    settings = {"family": family, "weight_update": weight_update, "estimator": estimator}
+    one_process = data_parallel_pruning(devices=1, batch_size=16, **settings)
+    half_batch = data_parallel_pruning(devices=1, batch_size=8, **settings)  # what one rank alone would learn
 
     def largest_difference(run):
         tensors = [*zip(run["gate_logits"], two_ranks["gate_logits"], strict=True),

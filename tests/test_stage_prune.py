@@ -71,6 +71,20 @@ def test_prune_reuses_the_cached_teacher(pruned_run, tmp_path):
     assert (other_run / "prune" / "pruned.pt").is_file()
 
 
+def test_the_gates_learn_by_the_configured_estimator_even_with_nothing_else_training(pruned_run, tmp_path):
+    cfg, _, _ = pruned_run
+    confidences = {}
+    for estimator in ("straight_through", "score_function"):
+        run = compose_run(tmp_path / estimator, cfg.paths.cache_dir, "stage=prune", "pretrain.max_steps=3",
+                          "pruning=learnable_2_4", "pruning.calibration_batches=1", "pruning.max_steps=3",
+                          "pruning.weight_update=frozen", f"pruning.gate_estimator={estimator}")
+        run_stage(run)
+        decision = json.loads((tmp_path / estimator / "prune" / "decision.json").read_text())
+        confidences[estimator] = decision["history"][-1]["confidences"]
+    assert confidences["straight_through"] != confidences["score_function"]  # the same draws, other gradients
+    assert all(value > 1 / 6 for value in confidences["score_function"])  # the gates moved from uniform
+
+
 def test_prune_without_teacher_for_a_real_model_names_the_fix(tmp_path):
     cfg = compose_run(tmp_path, tmp_path, "stage=prune", "model=dit_xl_2", "data=latents", "data.root=/nonexistent")
     with pytest.raises(ValueError, match="pass teacher.checkpoint=/path/to/model.pt"):
