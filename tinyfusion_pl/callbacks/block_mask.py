@@ -99,7 +99,8 @@ class DifferentiableBlockMask(Callback):
 
     Every block of ``blocks`` keeps running, but its output hidden state becomes
     ``m * block(x, ...) + (1 - m) * x`` (every stream of a multi-stream block alike) with a per-sample hard 0/1 mask ``m`` drawn once per training batch by
-    a straight-through Gumbel-softmax over the C(M, N) keep-options of its group. Outside training batches
+    a hard Gumbel-softmax over the C(M, N) keep-options of its group; the gate logits learn from the loss by
+    the straight-through or the score-function estimate (``estimator``). Outside training batches
     (validation, sampling, ``trainer.validate``) every block follows the current decision, so the logged
     validation metrics measure the pruned model. The decision is, per group, the option with the largest
     exponential moving average of its logit; ``kept_blocks`` holds it at any time.
