@@ -197,7 +197,6 @@ def check_trainer(cfg: DictConfig) -> None:
             ) from error
 
 
-
 class RunFolderCheck(Callback):
     """Hydra callback: refuse an output folder that cannot be written before Hydra creates it (and fails there)."""
 

@@ -247,7 +247,6 @@ def evaluate_nets(
     }
 
 
-@torch.no_grad()
 def sample_on_ranks(
     cfg: DictConfig, net: nn.Module, objective: Any, labels: torch.Tensor, decode: Any, description: str,
     options: dict[str, Any],
@@ -266,6 +265,7 @@ def sample_on_ranks(
     return distributed.gather_shares(images), (start, stop)
 
 
+@torch.no_grad()
 def shared_accuracy(classifier: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Conditional accuracy of this rank's share of the samples, averaged over every rank's (torchmetrics' sync)."""
     device = next(classifier.parameters()).device
