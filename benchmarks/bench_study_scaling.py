@@ -3,7 +3,7 @@
 A study is a set of independent pieces (one recovery and measurement per kept-set, one pruning run per
 selector). They spread two ways: torch's threads inside one job, or Hydra jobs that each take every
 n-th piece (`recoverability.num_shards`, through hydra-joblib-launcher on one machine). This script
-times one small study (the embedded digits DiT, `--choices` kept-sets, two selectors, short recovery)
+times one small study (the embedded digits DiT, `--choices` kept-sets, three selectors, short recovery)
 under layouts written JOBSxTHREADS, e.g. `1x1 1x2 2x1`: JOBS jobs with THREADS threads each
 (OMP_NUM_THREADS), so JOBS x THREADS cores. Every run starts from an empty study folder and a teacher
 pretrained once beforehand; the layouts rotate every round (A B C, B C A, ...), so drifts in machine load
@@ -29,10 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 REPO = Path(__file__).resolve().parent.parent
-KEPT_SELECTORS = ("learnable_lora", "bi_score")
-ALL_SELECTORS = ("learnable_lora", "learnable_full", "learnable_frozen", "learnable_lora_4_8", "bi_score",
-                 "sensitivity", "oracle", "random")
+KEPT_SELECTORS = ("learnable_lora", "learnable_straight_through", "bi_score")
+# every selector the study runs, read from its config: the others are left out with ~compare.selectors.<name>
+STUDY_SELECTORS = list(OmegaConf.load(REPO / "conf" / "experiment" / "recoverability.yaml").compare.selectors)
 
 
 def parse_layout(text: str) -> tuple[int, int]:
@@ -53,7 +55,7 @@ def study_overrides(arguments: argparse.Namespace, cache: Path) -> list[str]:
         f"recover.max_steps={arguments.recover_steps}", f"pruning.max_steps={arguments.pruning_steps}",
         f"evaluate.num_samples={arguments.samples}", f"evaluate.batch_size={arguments.samples}",
         f"sampling.steps={arguments.sampling_steps}", f"pretrain.max_steps={arguments.pretrain_steps}",
-        *(f"~compare.selectors.{name}" for name in ALL_SELECTORS if name not in KEPT_SELECTORS),
+        *(f"~compare.selectors.{name}" for name in STUDY_SELECTORS if name not in KEPT_SELECTORS),
     ]
 
 
