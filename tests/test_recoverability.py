@@ -8,6 +8,7 @@ and with python train.py killed by SIGKILL in a slow test).
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from tests.test_configs import REPO
@@ -184,6 +186,39 @@ def test_a_rerun_redoes_only_the_missing_choices_and_other_settings_are_refused(
     widened = compose_run(study_dir.parent / "fourth", cfg.paths.cache_dir, *SHRUNK, "+recover.new_option=null",
                           "+pruning.resume_from=auto", f"recoverability.study_dir={study_dir}")
     assert run_stage(widened)["analysis"]["placements"] == again["analysis"]["placements"]  # unset options: no change
+
+
+def test_pieces_measured_on_other_teacher_weights_are_refused(study, tmp_path):
+    """The same pretraining settings under the same cache key, other weights (a teacher pretrained again under
+    another thread count differs in every weight): the study's pieces are not reused. The same weights saved
+    again (other bytes: torch.save is not byte for byte repeatable) are the same teacher."""
+    result, study_dir, cfg = study
+    copy, cache = tmp_path / "study", tmp_path / "cache"
+    shutil.copytree(study_dir, copy)
+    shutil.copytree(cfg.paths.cache_dir, cache)
+    teacher = copy / "seed_0" / "pretrain" / "model.pt"  # the seed's teacher, pretrained in its folder
+    pieces = sorted((copy / "seed_0").rglob("*.json"))
+    records = {path: json.loads(path.read_text()) for path in pieces if path.parent.name in ("choices", "selectors")}
+    assert len(records) == 8 and len({record["teacher_weights"] for record in records.values()}) == 1
+
+    checkpoint = torch.load(teacher, map_location="cpu", weights_only=False)
+    torch.save(checkpoint, teacher)  # the same weights, written again
+    runs = sorted((copy / "seed_0" / "runs").iterdir())
+    written = {path: path.stat().st_mtime_ns for path in records}
+    again = run_stage(compose_run(tmp_path / "again", cache, *SHRUNK, f"recoverability.study_dir={copy}"))
+    assert again["analysis"]["placements"] == result["analysis"]["placements"]
+    assert sorted((copy / "seed_0" / "runs").iterdir()) == runs, "nothing was pruned or recovered again"
+    assert {path: path.stat().st_mtime_ns for path in records} == written
+
+    for weights in (checkpoint["model"], checkpoint["ema"]):
+        weights["final_layer.linear.bias"] += 1e-6  # the last digits of one tensor
+    torch.save(checkpoint, teacher)
+    before = {path: path.read_bytes() for path in copy.rglob("*") if path.is_file()}
+    with pytest.raises(ValueError, match=r"measured on other teacher weights .*: the teacher was replaced or pretrained "
+                                         r"again\. Put back the teacher the study measured, or use a new "
+                                         r"recoverability.study_dir"):
+        run_stage(compose_run(tmp_path / "third", cache, *SHRUNK, f"recoverability.study_dir={copy}"))
+    assert {path: path.read_bytes() for path in copy.rglob("*") if path.is_file()} == before, "nothing is rewritten"
 
 
 @pytest.mark.parametrize("overrides,message", [

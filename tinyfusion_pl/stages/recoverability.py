@@ -13,6 +13,7 @@ images, and files are written once, by global rank zero.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -138,8 +139,20 @@ def _settled(node: Any) -> Any:
     return [_settled(item) for item in value] if isinstance(value, list) else value
 
 
-def cached(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The record at `path` when it was made under the same settings; None when there is none yet."""
+def weights_digest(net: nn.Module) -> str:
+    """SHA-256 of a model's weights (names, dtypes, shapes, values): the same weights give the same digest however
+    they were saved (torch.save does not write the same bytes twice)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached(path: Path, fingerprint: str, teacher_weights: str) -> dict[str, Any] | None:
+    """The record at `path` when it was made under the same settings and on the same teacher weights; None when
+    there is none yet. (Records written before they held the teacher's digest are taken on their settings alone.)"""
     if not path.is_file():
         return None
     try:
@@ -152,6 +165,16 @@ def cached(path: Path, fingerprint: str) -> dict[str, Any] | None:
             "selector settings differ). Use a new recoverability.study_dir for these settings, or delete "
             f"{path.parent.parent} to redo that seed."
         )
+    # The same pretraining settings do not make the same teacher everywhere: float sums differ with the thread
+    # count and the torch build, and 1500 steps carry the difference into every weight.
+    made_on = record.get("teacher_weights")
+    if made_on is not None and made_on != teacher_weights:
+        raise UsageError(
+            f"{path} was measured on other teacher weights (sha256 {made_on[:12]}) than the seed's teacher has now "
+            f"({teacher_weights[:12]}): the teacher was replaced or pretrained again. Put back the teacher the study "
+            f"measured, or use a new recoverability.study_dir for this one (or delete {path.parent.parent} to redo "
+            "that seed)."
+        )
     return record
 
 
@@ -160,11 +183,13 @@ def cached(path: Path, fingerprint: str) -> dict[str, Any] | None:
 
 class Judge:
     """Measures models of one seed alike: held-out loss on fixed batches, times and noise; FID and conditional
-    accuracy of the same labels and initial noise for every model, with bootstrap replicates over the samples."""
+    accuracy of the same labels and initial noise for every model, with bootstrap replicates over the samples.
+    `teacher_weights` is the digest of the seed's teacher, which every piece of the seed records."""
 
     def __init__(self, cfg: DictConfig) -> None:
         check_settings(cfg)
         self.cfg = cfg
+        self.teacher_weights = weights_digest(load_model(cfg, cfg.teacher.checkpoint))
         self.device = evaluation_device(cfg)
         self.objective = instantiate(cfg.objective)
         self.options = sampler_options(cfg, self.objective)
@@ -234,10 +259,10 @@ def piece_path(folder: Path, kind: str, item: Any = None) -> Path:
 
 def measure_teacher(cfg: DictConfig, judge: Judge, folder: Path) -> dict[str, Any]:
     path, fingerprint = piece_path(folder, "teacher"), settings_fingerprint(cfg)
-    record = cached(path, fingerprint)
+    record = cached(path, fingerprint, judge.teacher_weights)
     if record is None:
         start = time.perf_counter()
-        record = {"settings": fingerprint, "teacher": cfg.teacher.checkpoint,
+        record = {"settings": fingerprint, "teacher_weights": judge.teacher_weights, "teacher": cfg.teacher.checkpoint,
                   **judge.measure(load_model(cfg, cfg.teacher.checkpoint)), "seconds": time.perf_counter() - start}
         distributed.on_rank_zero(save_json, record, path)
     return record
@@ -248,7 +273,7 @@ def measure_choice(cfg: DictConfig, judge: Judge, folder: Path, kept_blocks: lis
     key = choice_key(kept_blocks)
     path = piece_path(folder, "choice", kept_blocks)
     fingerprint = settings_fingerprint(cfg, cfg.pruning.calibration_batches)
-    record = cached(path, fingerprint)
+    record = cached(path, fingerprint, judge.teacher_weights)
     if record is not None:
         return record
     start = time.perf_counter()
@@ -261,7 +286,7 @@ def measure_choice(cfg: DictConfig, judge: Judge, folder: Path, kept_blocks: lis
     recovered = run_recover(variant)
     recover_seconds = time.perf_counter() - start - prune_seconds
     measures = judge.measure(load_model(variant, recovered["checkpoint"]))
-    record = {"settings": fingerprint, "kept_blocks": list(kept_blocks),
+    record = {"settings": fingerprint, "teacher_weights": judge.teacher_weights, "kept_blocks": list(kept_blocks),
               "calibration_loss": pruned["calibration_loss"], "heldout_loss_pruned": float(np.mean(heldout_pruned)),
               **measures, "recover_steps": recovered["steps"], "nonfinite_steps": recovered["nonfinite_steps"],
               "seconds": {"prune": prune_seconds, "recover": recover_seconds,
@@ -280,18 +305,18 @@ def finish_choice(cfg: DictConfig, record: dict[str, Any], path: Path, run_dir: 
     save_json(record, path)
 
 
-def run_selector(cfg: DictConfig, folder: Path, name: str, changes: DictConfig) -> dict[str, Any]:
+def run_selector(cfg: DictConfig, judge: Judge, folder: Path, name: str, changes: DictConfig) -> dict[str, Any]:
     """Let one selector choose on the seed's teacher; cached as selectors/<name>.json."""
     path = piece_path(folder, "selector", name)
     fingerprint = settings_fingerprint(cfg, cfg.pruning, changes)
-    record = cached(path, fingerprint)
+    record = cached(path, fingerprint, judge.teacher_weights)
     if record is not None:
         return record
     start = time.perf_counter()
     variant = variant_config(cfg, f"runs/selector_{name}", changes)
     pruned = run_prune(variant)
     decision = read_decision(Path(variant.paths.run_dir) / "prune")
-    record = {"settings": fingerprint, "selector": name, "kept_blocks": pruned["kept_blocks"],
+    record = {"settings": fingerprint, "teacher_weights": judge.teacher_weights, "selector": name, "kept_blocks": pruned["kept_blocks"],
               "calibration_loss": pruned["calibration_loss"], "groups": decision["groups"],
               "seconds": time.perf_counter() - start}
     distributed.on_rank_zero(save_json, record, path)
@@ -351,7 +376,7 @@ def run_recoverability(cfg: DictConfig) -> dict[str, Any]:
         elif kind == "choice":
             measure_choice(seed_cfg, judge, folder, item)
         else:
-            run_selector(seed_cfg, folder, item, cfg.compare.selectors[item])
+            run_selector(seed_cfg, judge, folder, item, cfg.compare.selectors[item])
     missing = distributed.on_rank_zero(  # rank zero wrote the pieces: it sees what is there
         lambda: [piece for piece in work if not piece_path(study_dir / f"seed_{piece[0]}", *piece[1:]).is_file()])
     if missing:
@@ -363,7 +388,7 @@ def run_recoverability(cfg: DictConfig) -> dict[str, Any]:
     for seed in settings["seeds"]:
         seed_cfg, judge = prepared(seed)
         folder = Path(seed_cfg.paths.run_dir)
-        selectors = {name: run_selector(seed_cfg, folder, name, cfg.compare.selectors[name])
+        selectors = {name: run_selector(seed_cfg, judge, folder, name, cfg.compare.selectors[name])
                      for name in cfg.compare.selectors}
         measured = {choice_key(choice): measure_choice(seed_cfg, judge, folder, choice) for choice in choices}
         for record in selectors.values():  # a choice outside the (sampled) ground truth is measured the same way
