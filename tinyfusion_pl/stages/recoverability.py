@@ -316,9 +316,9 @@ def run_selector(cfg: DictConfig, judge: Judge, folder: Path, name: str, changes
     variant = variant_config(cfg, f"runs/selector_{name}", changes)
     pruned = run_prune(variant)
     decision = read_decision(Path(variant.paths.run_dir) / "prune")
-    record = {"settings": fingerprint, "teacher_weights": judge.teacher_weights, "selector": name, "kept_blocks": pruned["kept_blocks"],
-              "calibration_loss": pruned["calibration_loss"], "groups": decision["groups"],
-              "seconds": time.perf_counter() - start}
+    record = {"settings": fingerprint, "teacher_weights": judge.teacher_weights, "selector": name,
+              "kept_blocks": pruned["kept_blocks"], "calibration_loss": pruned["calibration_loss"],
+              "groups": decision["groups"], "seconds": time.perf_counter() - start}
     distributed.on_rank_zero(save_json, record, path)
     return record
 
