@@ -213,6 +213,8 @@ def test_pieces_measured_on_other_teacher_weights_are_refused(study, tmp_path):
     for weights in (checkpoint["model"], checkpoint["ema"]):
         weights["final_layer.linear.bias"] += 1e-6  # the last digits of one tensor
     torch.save(checkpoint, teacher)
+    for key in ("teacher", "choices/0-2"):  # missing pieces come first in the work: not measured on the new teacher
+        (copy / "seed_0" / f"{key}.json").unlink()
     before = {path: path.read_bytes() for path in copy.rglob("*") if path.is_file()}
     with pytest.raises(ValueError, match=r"measured on other teacher weights .*: the teacher was replaced or pretrained "
                                          r"again\. Put back the teacher the study measured, or use a new "

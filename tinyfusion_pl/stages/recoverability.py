@@ -155,27 +155,50 @@ def cached(path: Path, fingerprint: str, teacher_weights: str) -> dict[str, Any]
     there is none yet. (Records written before they held the teacher's digest are taken on their settings alone.)"""
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{path} cannot be read ({error}): delete it and run again to redo that piece.") from error
+    record = read_piece(path)
     if record.get("settings") != fingerprint:
         raise UsageError(
             f"{path} was made with other settings than this study's (seed, teacher, data, recovery, sampling or "
             "selector settings differ). Use a new recoverability.study_dir for these settings, or delete "
-            f"{path.parent.parent} to redo that seed."
+            f"{seed_folder_of(path)} to redo that seed."
         )
-    # The same pretraining settings do not make the same teacher everywhere: float sums differ with the thread
-    # count and the torch build, and 1500 steps carry the difference into every weight.
+    refuse_other_teacher(path, record, teacher_weights)
+    return record
+
+
+def refuse_other_teacher(path: Path, record: dict[str, Any], teacher_weights: str) -> None:
+    """A piece measured on other weights than the seed's teacher has now is an error. The same pretraining settings
+    do not make the same teacher everywhere: float sums differ with the thread count and the torch build, and 1500
+    steps carry the difference into every weight."""
     made_on = record.get("teacher_weights")
     if made_on is not None and made_on != teacher_weights:
         raise UsageError(
             f"{path} was measured on other teacher weights (sha256 {made_on[:12]}) than the seed's teacher has now "
             f"({teacher_weights[:12]}): the teacher was replaced or pretrained again. Put back the teacher the study "
-            f"measured, or use a new recoverability.study_dir for this one (or delete {path.parent.parent} to redo "
-            "that seed)."
+            f"measured, or use a new recoverability.study_dir for this one (or delete {seed_folder_of(path)} to redo that "
+            "seed)."
         )
-    return record
+
+
+def check_seed_folder(folder: Path, teacher_weights: str) -> None:
+    """Before a seed's first piece is measured: every piece the folder already has was measured on this teacher,
+    so that a study with another teacher stops before it writes anything (a shard need not meet an old piece first)."""
+    pieces = [folder / "teacher.json", *sorted(folder.glob("choices/*.json")), *sorted(folder.glob("selectors/*.json"))]
+    for path in pieces:
+        if path.is_file():
+            refuse_other_teacher(path, read_piece(path), teacher_weights)
+
+
+def seed_folder_of(piece: Path) -> Path:
+    """seed_<s>/ of seed_<s>/teacher.json, seed_<s>/choices/<blocks>.json or seed_<s>/selectors/<name>.json."""
+    return piece.parent if piece.name == "teacher.json" else piece.parent.parent
+
+
+def read_piece(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{path} cannot be read ({error}): delete it and run again to redo that piece.") from error
 
 
 # --------------------------------------------------------------------------- measuring one model
@@ -363,6 +386,7 @@ def run_recoverability(cfg: DictConfig) -> dict[str, Any]:
         if seed not in seed_configs:
             seed_configs[seed] = seed_config(cfg, study_dir, seed)
             judges[seed] = Judge(seed_configs[seed])
+            check_seed_folder(study_dir / f"seed_{seed}", judges[seed].teacher_weights)
         return seed_configs[seed], judges[seed]
 
     started = time.perf_counter()
