@@ -175,8 +175,8 @@ def refuse_other_teacher(path: Path, record: dict[str, Any], teacher_weights: st
         raise UsageError(
             f"{path} was measured on other teacher weights (sha256 {made_on[:12]}) than the seed's teacher has now "
             f"({teacher_weights[:12]}): the teacher was replaced or pretrained again. Put back the teacher the study "
-            f"measured, or use a new recoverability.study_dir for this one (or delete {seed_folder_of(path)} to redo that "
-            "seed)."
+            "measured, or use a new recoverability.study_dir for this one (or delete "
+            f"{seed_folder_of(path)} to redo that seed)."
         )
 
 
