@@ -183,7 +183,8 @@ def refuse_other_teacher(path: Path, record: dict[str, Any], teacher_weights: st
 def check_seed_folder(folder: Path, teacher_weights: str) -> None:
     """Before a seed's first piece is measured: every piece the folder already has was measured on this teacher,
     so that a study with another teacher stops before it writes anything (a shard need not meet an old piece first)."""
-    pieces = [piece_path(folder, "teacher"), *sorted(folder.glob("choices/*.json")), *sorted(folder.glob("selectors/*.json"))]
+    pieces = [piece_path(folder, "teacher"), *sorted(folder.glob("choices/*.json")),
+              *sorted(folder.glob("selectors/*.json"))]
     for path in pieces:
         if path.is_file():
             refuse_other_teacher(path, read_piece(path), teacher_weights)
