@@ -387,7 +387,7 @@ def run_recoverability(cfg: DictConfig) -> dict[str, Any]:
         if seed not in seed_configs:
             seed_configs[seed] = seed_config(cfg, study_dir, seed)
             judges[seed] = Judge(seed_configs[seed])
-            check_seed_folder(study_dir / f"seed_{seed}", judges[seed].teacher_weights)
+            check_seed_folder(Path(seed_configs[seed].paths.run_dir), judges[seed].teacher_weights)
         return seed_configs[seed], judges[seed]
 
     started = time.perf_counter()
